@@ -1,0 +1,37 @@
+"""jacflow's invertible-layer library: every layer returns ``(output, log|det J|)``.
+
+``forward`` maps data to latent (the density direction); ``inverse`` maps back.
+"""
+
+from flows import jacobian, nets
+
+# The contract
+from flows.base import Flow, Inverse, InverseFlow, InverseNotAvailable, Sequential
+
+# Coupling layers
+from flows.coupling import AdditiveCoupling, AffineCoupling, Coupling
+
+# Normalisation
+from flows.normalization import ActNorm
+
+# Linear maps and permutations
+from flows.linear import InvConv1x1, Permutation, Reverse
+
+# Reshaping and multi-scale
+from flows.reshape import Split, Squeeze
+
+# Densities
+from flows.distributions import FlowDistribution, StandardNormal
+
+# The oracle
+from flows.jacobian import check_flow, exact_logdet
+
+__all__ = [
+    "Flow", "Inverse", "InverseFlow", "InverseNotAvailable", "Sequential",
+    "AdditiveCoupling", "AffineCoupling", "Coupling",
+    "ActNorm",
+    "InvConv1x1", "Permutation", "Reverse",
+    "Split", "Squeeze",
+    "FlowDistribution", "StandardNormal",
+    "check_flow", "exact_logdet", "jacobian", "nets",
+]

@@ -1,0 +1,146 @@
+"""The flow contract: `Flow`, composition with `Sequential`, and `Inverse`.
+
+Direction convention (as in nflows, FrEIA and Glow): ``forward`` maps data ``x`` to
+latent ``z`` (the density direction) and ``inverse`` maps latent to data. Both return
+``(output, logdet)`` where ``logdet`` has shape ``(batch,)`` and is ``log|det dy/dx|``
+of the map that method computes, so ``forward`` then ``inverse`` sums to zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Flow", "InverseNotAvailable", "Sequential", "Inverse", "InverseFlow", "zero_logdet"]
+
+
+class InverseNotAvailable(NotImplementedError):
+    """Raised by ``inverse`` of a flow that has no closed-form inverse."""
+
+
+def zero_logdet(x: Tensor) -> Tensor:
+    """A ``(batch,)`` tensor of zeros in float32 or wider, on ``x``'s device."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+
+
+def accumulate(total: Tensor, logdet: Tensor) -> Tensor:
+    """Adds a layer's logdet to a running total, never narrower than float32.
+
+    Under mixed precision a layer may return a bf16/fp16 logdet; summing those in
+    half precision loses the small per-layer terms, so the total is kept wide.
+    """
+    return total + logdet.to(total.dtype)
+
+
+class Flow(nn.Module):
+    """Base class of every invertible layer.
+
+    Subclasses implement ``forward(x, context=None) -> (y, logdet)`` (data -> latent)
+    and ``inverse(y, context=None) -> (x, logdet)``; ``logdet`` is ``(batch,)`` and is
+    ``log|det J|`` of the direction computed. ``context`` is accepted by every flow and
+    ignored by flows without a conditioner.
+
+    A flow may declare the sparsity of its per-sample Jacobian by overriding
+    :meth:`jacobian_mask`; :func:`flows.jacobian.check_flow` then verifies it.
+    """
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise InverseNotAvailable(f"{type(self).__name__} has no closed-form inverse")
+
+    def jacobian_mask(self, shape: tuple[int, ...]) -> Tensor | None:
+        """Entries of the per-sample Jacobian ``dy/dx`` that may be non-zero.
+
+        Args:
+            shape: the shape of one input sample, without the batch dimension.
+
+        Returns:
+            ``None`` (no structure declared) or a bool tensor ``(D_out, D_in)`` over the
+            flattened sample, ``True`` where ``dy_i/dx_j`` is allowed to be non-zero.
+        """
+        return None
+
+
+class Sequential(Flow):
+    """Composition ``f_n ∘ ... ∘ f_1``; logdets add up, inverse runs in reverse.
+
+    Args:
+        *flows: the flows, applied in the given order by ``forward``.
+
+    Example:
+        >>> import torch, flows
+        >>> f = flows.Sequential(flows.Reverse(), flows.ActNorm(3))
+        >>> z, logdet = f(torch.randn(4, 3))
+        >>> logdet.shape
+        torch.Size([4])
+    """
+
+    def __init__(self, *flows: Flow) -> None:
+        super().__init__()
+        for i, flow in enumerate(flows):
+            if not isinstance(flow, Flow):
+                raise TypeError(
+                    f"Sequential expects flows.Flow instances, got {type(flow).__name__} at position {i}"
+                )
+        self.flows = nn.ModuleList(flows)
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    def __iter__(self) -> Iterator[Flow]:
+        return iter(self.flows)
+
+    def __getitem__(self, index: int) -> Flow:
+        return self.flows[index]
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = zero_logdet(x)
+        for flow in self.flows:
+            x, logdet = flow(x, context)
+            total = accumulate(total, logdet)
+        return x, total
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        total = zero_logdet(y)
+        for flow in reversed(self.flows):
+            y, logdet = flow.inverse(y, context)
+            total = accumulate(total, logdet)
+        return y, total
+
+
+class InverseFlow(Flow):
+    """The flow ``flow`` with its directions swapped; build it with :func:`Inverse`."""
+
+    def __init__(self, flow: Flow) -> None:
+        super().__init__()
+        if not isinstance(flow, Flow):
+            raise TypeError(f"Inverse expects a flows.Flow, got {type(flow).__name__}")
+        self.flow = flow
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow.inverse(x, context)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.flow(y, context)
+
+
+def Inverse(flow: Flow) -> Flow:  # noqa: N802 - reads as a layer at the call site
+    """The inverse of ``flow``: its ``forward`` is ``flow.inverse`` and vice versa.
+
+    ``Inverse(Inverse(f))`` returns ``f`` itself. Used for IAF (an inverted MAF) and
+    for unsqueezing (``Inverse(Squeeze())``).
+
+    Example:
+        >>> import torch, flows
+        >>> f = flows.ActNorm(2)
+        >>> flows.Inverse(flows.Inverse(f)) is f
+        True
+    """
+    if isinstance(flow, InverseFlow):
+        return flow.flow
+    return InverseFlow(flow)

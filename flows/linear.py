@@ -1,0 +1,192 @@
+"""Invertible linear maps on dim 1: Glow's 1x1 convolution and fixed permutations."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flows._checks import check_input
+from flows.base import Flow, zero_logdet
+
+__all__ = ["InvConv1x1", "Permutation", "Reverse"]
+
+
+def _apply_channel_matrix(weight: Tensor, x: Tensor) -> Tensor:
+    """``y[:, i] = sum_j weight[i, j] x[:, j]`` for ``(B, C)`` or ``(B, C, H, W)`` inputs."""
+    if x.dim() == 2:
+        return F.linear(x, weight)
+    return F.conv2d(x, weight.view(*weight.shape, 1, 1))
+
+
+class _WeightCache:
+    """Holds tensors derived from weights alone, valid while the weights are unchanged.
+
+    The key records each parameter's in-place version counter and storage, so an
+    optimiser step, ``load_state_dict`` or ``.to()`` invalidates it without a host sync.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: tuple[Tensor, ...] | None = None
+
+    @staticmethod
+    def make_key(params: list[Tensor]) -> tuple:
+        return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params) + (
+            torch.is_inference_mode_enabled(),
+        )
+
+
+class InvConv1x1(Flow):
+    """Invertible 1x1 convolution (Glow), or an invertible linear layer on vectors.
+
+    ``y[:, :, h, w] = W x[:, :, h, w]``; ``logdet = H*W * log|det W|`` (``H*W = 1`` for vectors).
+
+    With ``lu=True`` the weight is ``W = P L (U + diag(sign * exp(log_s)))`` with ``P`` a
+    fixed permutation, ``L`` unit lower-triangular and ``U`` strictly upper-triangular, so
+    ``log|det W| = sum(log_s)`` costs ``O(C)`` and the inverse comes from two triangular
+    solves. With ``lu=False`` ``W`` is a full matrix and ``log|det W|`` is its ``slogdet``.
+    Initialised to a random rotation. In eval mode the weight and its inverse are cached
+    (detached from autograd) until a parameter changes; train mode recomputes them.
+
+    Args:
+        num_channels: ``C``; inputs are ``(B, C)`` or ``(B, C, H, W)``.
+        lu: use the LU parametrisation.
+        seed: seed of the random rotation (``None``: the global generator).
+
+    References:
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions",
+        NeurIPS 2018, arXiv:1807.03039.
+
+    Example:
+        >>> import torch, flows
+        >>> conv = flows.InvConv1x1(4, seed=0)
+        >>> x = torch.randn(2, 4, 3, 3)
+        >>> z, logdet = conv(x)
+        >>> torch.allclose(conv.inverse(z)[0], x, atol=1e-5)
+        True
+    """
+
+    def __init__(self, num_channels: int, lu: bool = True, seed: int | None = None) -> None:
+        super().__init__()
+        if num_channels < 1:
+            raise ValueError(f"InvConv1x1 needs num_channels >= 1, got {num_channels}")
+        self.num_channels = num_channels
+        self.lu = lu
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        rotation, _ = torch.linalg.qr(torch.randn(num_channels, num_channels, generator=generator))
+        if lu:
+            self._init_lu(rotation)
+        else:
+            self.weight = nn.Parameter(rotation)
+        self._cache = _WeightCache()
+
+    def _init_lu(self, rotation: Tensor) -> None:
+        permutation, lower, upper = torch.linalg.lu(rotation)
+        diagonal = torch.diagonal(upper)
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("sign_s", torch.sign(diagonal))
+        self.register_buffer("lower_mask", torch.tril(torch.ones_like(rotation), -1))
+        self.lower = nn.Parameter(lower * self.lower_mask)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(diagonal.abs()))
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """Unit lower ``L`` and upper ``U + diag(sign * exp(log_s))``."""
+        eye = torch.eye(self.num_channels, dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * self.log_s.exp())
+        return lower, upper
+
+    def _compute(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(W, W^-1, log|det W|)`` from the parameters."""
+        if not self.lu:
+            _, log_abs_det = torch.linalg.slogdet(self.weight)
+            return self.weight, torch.linalg.inv(self.weight), log_abs_det
+        lower, upper = self._factors()
+        weight = self.permutation @ lower @ upper
+        eye = torch.eye(self.num_channels, dtype=lower.dtype, device=lower.device)
+        # W^-1 = U^-1 L^-1 P^T by two triangular solves: O(C^3 / 3) each, no dense inverse.
+        lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        inverse = torch.linalg.solve_triangular(upper, lower_inv, upper=True) @ self.permutation.T
+        return weight, inverse, self.log_s.sum()
+
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.training:
+            return self._compute()
+        key = _WeightCache.make_key(list(self.parameters()))
+        if self._cache.key != key:
+            with torch.no_grad():
+                self._cache.value = self._compute()
+            self._cache.key = key
+        return self._cache.value
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("InvConv1x1", x, self.num_channels)
+        weight, _, log_abs_det = self._weights()
+        return _apply_channel_matrix(weight, x), self._logdet(log_abs_det, x)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("InvConv1x1", y, self.num_channels)
+        _, inverse, log_abs_det = self._weights()
+        return _apply_channel_matrix(inverse, y), -self._logdet(log_abs_det, y)
+
+    @staticmethod
+    def _logdet(log_abs_det: Tensor, x: Tensor) -> Tensor:
+        total = log_abs_det * x[0, 0].numel()
+        return total.to(torch.promote_types(total.dtype, torch.float32)).expand(x.shape[0])
+
+
+class Permutation(Flow):
+    """A fixed permutation of dim 1: ``y[:, i] = x[:, perm[i]]``; ``logdet = 0``.
+
+    Args:
+        num_features: size of dim 1; inputs ``(B, D)`` or ``(B, C, H, W)``.
+        seed: seed of the random permutation (``None``: the global generator).
+
+    Example:
+        >>> import torch, flows
+        >>> p = flows.Permutation(5, seed=0)
+        >>> x = torch.randn(2, 5)
+        >>> torch.equal(p.inverse(p(x)[0])[0], x)
+        True
+    """
+
+    def __init__(self, num_features: int, seed: int | None = None) -> None:
+        super().__init__()
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        permutation = torch.randperm(num_features, generator=generator)
+        self.num_features = num_features
+        self.register_buffer("permutation", permutation)
+        self.register_buffer("inverse_permutation", torch.argsort(permutation))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("Permutation", x, self.num_features)
+        return x[:, self.permutation], zero_logdet(x)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("Permutation", y, self.num_features)
+        return y[:, self.inverse_permutation], zero_logdet(y)
+
+
+class Reverse(Flow):
+    """Reverses the order of dim 1 (NICE / RealNVP's alternation); ``logdet = 0``.
+
+    The size of dim 1 is taken from the first input when not given.
+
+    Example:
+        >>> import torch, flows
+        >>> flows.Reverse()(torch.tensor([[1., 2., 3.]]))[0]
+        tensor([[3., 2., 1.]])
+    """
+
+    def __init__(self, num_features: int | None = None) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("Reverse", x, self.num_features)
+        return x.flip(1), zero_logdet(x)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.forward(y, context)

@@ -1,0 +1,141 @@
+"""Multi-scale plumbing: space-to-depth squeezing and the split / factor-out layer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from flows._checks import check_input
+from flows.base import Flow, accumulate, zero_logdet
+
+__all__ = ["Squeeze", "Split"]
+
+
+class Squeeze(Flow):
+    """Space-to-depth: ``(B, C, H, W) -> (B, C*f*f, H/f, W/f)``; ``logdet = 0``.
+
+    Each ``f x f`` block of pixels becomes ``f*f`` channels (Glow's ordering: channel
+    ``c*f*f + i*f + j`` holds pixel ``(i, j)`` of the block of channel ``c``). Use
+    ``flows.Inverse(Squeeze())`` to unsqueeze.
+
+    Args:
+        factor: the block size ``f``; ``H`` and ``W`` must be divisible by it.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", ICLR 2017,
+        arXiv:1605.08803.
+
+    Example:
+        >>> import torch, flows
+        >>> flows.Squeeze()(torch.randn(1, 3, 4, 6))[0].shape
+        torch.Size([1, 12, 2, 3])
+    """
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        if factor < 1:
+            raise ValueError(f"Squeeze needs factor >= 1, got {factor}")
+        self.factor = factor
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("Squeeze", x, ranks=(4,))
+        f = self.factor
+        b, c, h, w = x.shape
+        if h % f or w % f:
+            raise ValueError(
+                f"Squeeze(factor={f}) needs H and W divisible by {f}, got input of shape "
+                f"{tuple(x.shape)}; pad or crop to a multiple of {f}"
+            )
+        y = x.reshape(b, c, h // f, f, w // f, f)  # (B, C, H/f, f, W/f, f)
+        y = y.permute(0, 1, 3, 5, 2, 4)  # (B, C, f, f, H/f, W/f)
+        return y.reshape(b, c * f * f, h // f, w // f), zero_logdet(x)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("Squeeze.inverse", y, ranks=(4,))
+        f = self.factor
+        b, c, h, w = y.shape
+        if c % (f * f):
+            raise ValueError(
+                f"Squeeze(factor={f}).inverse needs channels divisible by {f * f}, got input "
+                f"of shape {tuple(y.shape)}"
+            )
+        x = y.reshape(b, c // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3)  # (B, C, H, f, W, f)
+        return x.reshape(b, c // (f * f), h * f, w * f), zero_logdet(y)
+
+
+class Split(Flow):
+    """Factor-out: keeps the first channels for ``flow``, the rest leave the stack.
+
+    With ``x = [x1, x2]`` split on dim 1 (``x1`` has ``kept`` channels):
+    ``y = [flow(x1), prior(x2 | x1)]`` where the learned prior is Glow's conditional
+    affine map ``prior(x2 | x1) = (x2 - mu(x1)) * exp(-log_sigma(x1))`` (identity when
+    ``prior_net`` is ``None``, as in RealNVP). So the output has the input's shape, the
+    whole multi-scale model stays one bijection, and the base distribution is the only
+    distribution. ``logdet = logdet_flow - sum(log_sigma)``.
+
+    Sampling inverts it exactly: ``x1 = flow^-1(y1)``, then ``x2 = mu(x1) + sigma(x1) * y2``
+    with ``y2`` drawn from the base (scaled by the temperature there).
+
+    Args:
+        flow: the flow applied to the kept channels (the next levels), shape-preserving.
+        num_features: channels ``C`` of the input.
+        kept: channels kept (default ``C // 2``).
+        prior_net: factory ``(kept, 2 * (C - kept)) -> nn.Module`` for ``mu, log_sigma``
+            (zero-initialised last layer: the prior starts standard normal), or ``None``.
+
+    Example:
+        >>> import torch, flows
+        >>> split = flows.Split(flows.ActNorm(2), num_features=4)
+        >>> split(torch.randn(3, 4, 2, 2))[0].shape
+        torch.Size([3, 4, 2, 2])
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        num_features: int,
+        kept: int | None = None,
+        prior_net: Callable[[int, int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__()
+        kept = num_features // 2 if kept is None else kept
+        if not 0 < kept < num_features:
+            raise ValueError(
+                f"Split needs 0 < kept < num_features, got kept={kept}, num_features={num_features}"
+            )
+        self.flow = flow
+        self.num_features = num_features
+        self.kept = kept
+        self.prior = None if prior_net is None else prior_net(kept, 2 * (num_features - kept))
+
+    def _prior_params(self, x1: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.prior(x1)
+        mu, log_sigma = h[:, 0::2], h[:, 1::2]
+        return mu, log_sigma
+
+    def _prior_logdet(self, log_sigma: Tensor) -> Tensor:
+        return log_sigma.flatten(1).sum(1).to(torch.promote_types(log_sigma.dtype, torch.float32))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("Split", x, self.num_features)
+        x1, x2 = x[:, : self.kept], x[:, self.kept :]
+        logdet = zero_logdet(x)
+        if self.prior is not None:
+            mu, log_sigma = self._prior_params(x1)
+            x2 = (x2 - mu) * torch.exp(-log_sigma)
+            logdet = logdet - self._prior_logdet(log_sigma)
+        y1, logdet1 = self.flow(x1, context)
+        return torch.cat([y1, x2], dim=1), accumulate(logdet, logdet1)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_input("Split", y, self.num_features)
+        y1, y2 = y[:, : self.kept], y[:, self.kept :]
+        x1, logdet = self.flow.inverse(y1, context)
+        logdet = accumulate(zero_logdet(y), logdet)
+        if self.prior is not None:
+            mu, log_sigma = self._prior_params(x1)
+            y2 = y2 * torch.exp(log_sigma) + mu
+            logdet = logdet + self._prior_logdet(log_sigma)
+        return torch.cat([x1, y2], dim=1), logdet
