@@ -17,6 +17,9 @@ from flows.normalization import ActNorm
 # Linear maps and permutations
 from flows.linear import InvConv1x1, Permutation, Reverse
 
+# Elementwise preprocessing
+from flows.elementwise import Logit, ScalarAffine
+
 # Reshaping and multi-scale
 from flows.reshape import Split, Squeeze
 
@@ -31,6 +34,7 @@ __all__ = [
     "AdditiveCoupling", "AffineCoupling", "Coupling",
     "ActNorm",
     "InvConv1x1", "Permutation", "Reverse",
+    "Logit", "ScalarAffine",
     "Split", "Squeeze",
     "FlowDistribution", "StandardNormal",
     "check_flow", "exact_logdet", "jacobian", "nets",

@@ -73,6 +73,9 @@ CASES: dict[str, Case] = {
     "permutation-vector": Case(lambda: flows.Permutation(5, seed=1), (5,)),
     "permutation-image": Case(lambda: flows.Permutation(3, seed=1), (3, 2, 2)),
     "reverse-vector": Case(lambda: flows.Reverse(), (5,)),
+    # elementwise
+    "scalar-affine": Case(lambda: flows.ScalarAffine(-0.25, 1.0), (3, 2, 2)),
+    "logit": Case(lambda: flows.Sequential(flows.Inverse(flows.Logit(0.0)), flows.Logit(0.05)), (5,)),
     # reshape
     "squeeze": Case(lambda: flows.Squeeze(), (3, 4, 2)),
     "unsqueeze": Case(lambda: flows.Inverse(flows.Squeeze()), (12, 1, 2)),
