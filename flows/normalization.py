@@ -72,13 +72,11 @@ class ActNorm(Flow):
         """Sets bias and scale from the batch ``x`` so its output is standardised per channel."""
         check_input("ActNorm", x, self.num_features)
         dims = [d for d in range(x.dim()) if d != 1]
+        x = x.double()
         count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=torch.float64)
-        moments = torch.stack([x.double().sum(dims), (x.double() ** 2).sum(dims)])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(moments)
-            dist.all_reduce(count)
-        mean = moments[0] / count
-        var = (moments[1] / count - mean**2).clamp_min(0)
+        mean = _global_sum(x.sum(dims)) / _global_sum(count)
+        # Two passes (mean, then centred second moment) avoid the cancellation of E[x^2] - mean^2.
+        var = _global_sum(((x - _channel_view(mean, x)) ** 2).sum(dims)) / _global_sum(count)
         std = var.sqrt()
         # A constant channel has nothing to normalise: keep its scale at 1 rather than
         # dividing by zero (which would give inf, or a huge spurious logdet).
@@ -108,6 +106,14 @@ class ActNorm(Flow):
     def jacobian_mask(self, shape: tuple[int, ...]) -> Tensor:
         size = torch.Size(shape).numel()
         return torch.eye(size, dtype=torch.bool)
+
+
+def _global_sum(t: Tensor) -> Tensor:
+    """Sum over all processes when ``torch.distributed`` is initialised; ``t`` otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
 
 
 def _sync_initialized_flag(module: ActNorm, incompatible_keys) -> None:
