@@ -21,7 +21,7 @@ from flows.linear import InvConv1x1, Permutation, Reverse
 from flows.elementwise import Logit, ScalarAffine
 
 # Reshaping and multi-scale
-from flows.reshape import Split, Squeeze
+from flows.reshape import Flatten, Split, Squeeze
 
 # Densities
 from flows.distributions import FlowDistribution, StandardNormal
@@ -35,7 +35,7 @@ __all__ = [
     "ActNorm",
     "InvConv1x1", "Permutation", "Reverse",
     "Logit", "ScalarAffine",
-    "Split", "Squeeze",
+    "Flatten", "Split", "Squeeze",
     "FlowDistribution", "StandardNormal",
     "check_flow", "exact_logdet", "jacobian", "nets",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["MLP", "GlowConvNet"]
+__all__ = ["MLP", "GlowConvNet", "ZeroConv"]
 
 
 class MLP(nn.Sequential):
@@ -87,3 +87,21 @@ class GlowConvNet(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x)
+
+
+class ZeroConv(nn.Conv2d):
+    """One zero-initialised 3x3 convolution, ``(B, in, H, W) -> (B, out, H, W)``.
+
+    Glow's network for the learned prior of a factored-out half (``flows.Split``): it
+    starts at zero, so the prior starts standard normal.
+
+    Example:
+        >>> import torch
+        >>> ZeroConv(2, 4)(torch.randn(1, 2, 3, 3)).abs().sum()
+        tensor(0., grad_fn=<SumBackward0>)
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, 3, padding=1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 from flows._checks import check_input
 from flows.base import Flow, accumulate, zero_logdet
 
-__all__ = ["Squeeze", "Split"]
+__all__ = ["Flatten", "Squeeze", "Split"]
 
 
 class Squeeze(Flow):
@@ -63,6 +64,37 @@ class Squeeze(Flow):
             )
         x = y.reshape(b, c // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3)  # (B, C, H, f, W, f)
         return x.reshape(b, c // (f * f), h * f, w * f), zero_logdet(y)
+
+
+class Flatten(Flow):
+    """``(B, *shape) -> (B, prod(shape))``; ``logdet = 0``. Lets vector layers act on images.
+
+    Args:
+        shape: one sample's shape, e.g. ``(C, H, W)``.
+
+    Example:
+        >>> import torch, flows
+        >>> flows.Flatten((3, 2, 2))(torch.randn(5, 3, 2, 2))[0].shape
+        torch.Size([5, 12])
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"Flatten expects input of shape (B, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        return x.flatten(1), zero_logdet(x)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        size = math.prod(self.shape)
+        if y.dim() != 2 or y.shape[1] != size:
+            raise ValueError(f"Flatten.inverse expects input of shape (B, {size}), got {tuple(y.shape)}")
+        return y.reshape(y.shape[0], *self.shape), zero_logdet(y)
+
+    def jacobian_mask(self, shape: tuple[int, ...]) -> Tensor:
+        return torch.eye(math.prod(shape), dtype=torch.bool)
 
 
 class Split(Flow):

@@ -79,6 +79,8 @@ CASES: dict[str, Case] = {
     # reshape
     "squeeze": Case(lambda: flows.Squeeze(), (3, 4, 2)),
     "unsqueeze": Case(lambda: flows.Inverse(flows.Squeeze()), (12, 1, 2)),
+    "flatten": Case(lambda: flows.Flatten((3, 2, 2)), (3, 2, 2)),
+    "unflatten": Case(lambda: flows.Inverse(flows.Flatten((2, 1, 3))), (6,)),
     "split-prior-image": Case(lambda: flows.Split(flows.ActNorm(2), 5, kept=2, prior_net=prior), (5, 2, 2)),
     "split-prior-vector": Case(lambda: flows.Split(flows.ActNorm(2), 5, prior_net=mlp), (5,)),
     "split-identity": Case(lambda: flows.Split(flows.InvConv1x1(2), 4), (4, 2, 2)),
