@@ -3,13 +3,16 @@
 ``forward`` maps data to latent (the density direction); ``inverse`` maps back.
 """
 
-from flows import jacobian, nets
+from flows import jacobian, nets, splines
 
 # The contract
 from flows.base import Flow, Inverse, InverseFlow, InverseNotAvailable, Sequential
 
 # Coupling layers
-from flows.coupling import AdditiveCoupling, AffineCoupling, Coupling
+from flows.coupling import AdditiveCoupling, AffineCoupling, Coupling, RQSplineCoupling
+
+# Autoregressive flows
+from flows.autoregressive import MADE, Autoregressive, MaskedAffineAutoregressive, RQSplineAutoregressive
 
 # Normalisation
 from flows.normalization import ActNorm
@@ -31,11 +34,12 @@ from flows.jacobian import check_flow, exact_logdet
 
 __all__ = [
     "Flow", "Inverse", "InverseFlow", "InverseNotAvailable", "Sequential",
-    "AdditiveCoupling", "AffineCoupling", "Coupling",
+    "AdditiveCoupling", "AffineCoupling", "Coupling", "RQSplineCoupling",
+    "MADE", "Autoregressive", "MaskedAffineAutoregressive", "RQSplineAutoregressive",
     "ActNorm",
     "InvConv1x1", "Permutation", "Reverse",
     "Logit", "ScalarAffine",
     "Flatten", "Split", "Squeeze",
     "FlowDistribution", "StandardNormal",
-    "check_flow", "exact_logdet", "jacobian", "nets",
+    "check_flow", "exact_logdet", "jacobian", "nets", "splines",
 ]

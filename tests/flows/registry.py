@@ -97,6 +97,17 @@ CASES: dict[str, Case] = {
     "affine-context-vector": Case(lambda: flows.AffineCoupling(5, mlp, context_features=2), (5,), 2),
     "affine-context-image": Case(lambda: flows.AffineCoupling(3, conv, mask="checkerboard", context_features=2), (3, 2, 2), 2),
     "additive-context-vector": Case(lambda: flows.AdditiveCoupling(4, mlp, context_features=3), (4,), 3),
+    "spline-channel-vector": Case(lambda: flows.RQSplineCoupling(5, mlp, num_bins=4, tail_bound=2.0), (5,)),
+    "spline-checker-vector-p1": Case(lambda: flows.RQSplineCoupling(5, mlp, mask="checkerboard", parity=1, num_bins=3), (5,)),
+    "spline-channel-image": Case(lambda: flows.RQSplineCoupling(3, conv, num_bins=4, tail_bound=1.5), (3, 2, 2)),
+    "spline-context-vector": Case(lambda: flows.RQSplineCoupling(4, mlp, context_features=2, num_bins=5), (4,), 2),
+    # autoregressive
+    "maf": Case(lambda: flows.MaskedAffineAutoregressive(5, 8), (5,)),
+    "maf-reversed-residual": Case(lambda: flows.MaskedAffineAutoregressive(5, 8, order="reversed", residual=True), (5,)),
+    "maf-context": Case(lambda: flows.MaskedAffineAutoregressive(5, 8, order="random", seed=3, context_features=2), (5,), 2),
+    "iaf": Case(lambda: flows.Inverse(flows.MaskedAffineAutoregressive(5, 8)), (5,)),
+    "spline-autoregressive": Case(lambda: flows.RQSplineAutoregressive(5, 8, num_bins=4, tail_bound=2.0), (5,)),
+    "spline-autoregressive-context": Case(lambda: flows.RQSplineAutoregressive(4, 8, num_bins=3, context_features=2), (4,), 2),
     # multi-scale stacks
     "glow-multiscale": Case(glow_multiscale, (3, 4, 4)),
     "realnvp-multiscale": Case(realnvp_multiscale, (3, 4, 4)),

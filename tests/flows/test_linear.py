@@ -20,7 +20,8 @@ def test_starts_as_a_rotation(lu: bool) -> None:
 def test_lu_weight_equals_its_factors() -> None:
     conv = flows.InvConv1x1(4, seed=0)
     perturb(conv)
-    weight, inverse, log_abs_det = conv._compute()
+    weight, log_abs_det = conv._compute(inverse=False)
+    inverse, _ = conv._compute(inverse=True)
     torch.testing.assert_close(weight @ inverse, torch.eye(4), rtol=0, atol=1e-12)
     torch.testing.assert_close(log_abs_det, torch.linalg.slogdet(weight)[1], rtol=0, atol=1e-12)
 
@@ -32,17 +33,18 @@ def test_eval_cache_and_train_path_are_both_exact() -> None:
     check_flow(conv, x)  # train mode: recomputed on every call
     conv.eval()
     check_flow(conv, x)  # eval mode: the cached weight and inverse
-    assert conv._cache.key is not None
+    assert conv._caches[False].key is not None and conv._caches[True].key is not None
 
 
 def test_eval_cache_is_reused_while_weights_are_unchanged() -> None:
     conv = flows.InvConv1x1(3, seed=1).eval()
     x = torch.randn(2, 3, 2, 2)
     conv(x)
-    cached = conv._cache.value
+    conv.inverse(x)
+    cached = conv._caches[False].value, conv._caches[True].value
     conv(x)
     conv.inverse(x)
-    assert conv._cache.value is cached
+    assert conv._caches[False].value is cached[0] and conv._caches[True].value is cached[1]
 
 
 @pytest.mark.parametrize("lu", [True, False])
@@ -79,7 +81,7 @@ def test_lu_and_full_agree_for_the_same_weight() -> None:
     perturb(lu)
     full = flows.InvConv1x1(4, lu=False)
     with torch.no_grad():
-        full.weight.copy_(lu._compute()[0])
+        full.weight.copy_(lu._compute(inverse=False)[0])
     x = torch.randn(2, 4, 3, 3)
     y_lu, logdet_lu = lu(x)
     y_full, logdet_full = full(x)

@@ -1,0 +1,81 @@
+"""Flow overhead: a Glow training step against the same subnetworks run alone.
+
+Glow on 3x32x32 (3 levels, 8 steps per level, hidden 128), batch 32. The baseline
+runs every coupling network and split prior of that model, alone, on random tensors of
+the shapes they see inside the flow, with the same loss-backward-step. The ratio is
+what the flow itself (ActNorm, 1x1 convolutions, squeezes, splits, log-dets, the
+preprocessing and the base density) costs on top. Target: at most 1.15 on CPU.
+
+    python benchmarks/flow_overhead.py
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import flows  # noqa: E402
+from benchmarks.timing import machine, median_seconds  # noqa: E402
+from models import Glow  # noqa: E402
+
+
+def subnetworks(model: nn.Module) -> list[nn.Module]:
+    """Every coupling network and split prior in the model."""
+    nets = [m.subnet for m in model.modules() if isinstance(m, flows.Coupling)]
+    return nets + [m.prior for m in model.modules() if isinstance(m, flows.Split) and m.prior is not None]
+
+
+def input_shapes(model: nn.Module, nets: list[nn.Module], x: torch.Tensor) -> list[torch.Size]:
+    """The input shape each subnetwork sees during a forward pass of the model."""
+    shapes: dict[int, torch.Size] = {}
+    hooks = [net.register_forward_hook(lambda m, args, out, i=i: shapes.__setitem__(i, args[0].shape)) for i, net in enumerate(nets)]
+    with torch.no_grad():
+        model.log_prob(x)
+    for hook in hooks:
+        hook.remove()
+    return [shapes[i] for i in range(len(nets))]
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    model = Glow((3, 32, 32), num_levels=256, num_scales=3, num_steps=8, hidden_features=128)
+    x = torch.rand(32, 3, 32, 32) * 256
+    nets = subnetworks(model)
+    shapes = input_shapes(model, nets, x)  # also initialises ActNorm
+    # Inside the flow every subnetwork's input depends on parameters, so its backward
+    # computes input gradients too; the baseline does the same work.
+    inputs = [torch.randn(shape, requires_grad=True) for shape in shapes]
+    flow_optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    net_optimizer = torch.optim.Adam([p for net in nets for p in net.parameters()], lr=1e-4)
+
+    def flow_step() -> None:
+        flow_optimizer.zero_grad(set_to_none=True)
+        loss = -model.log_prob(x).mean()
+        loss.backward()
+        flow_optimizer.step()
+
+    def subnet_step() -> None:
+        net_optimizer.zero_grad(set_to_none=True)
+        loss = sum(net(h).square().mean() for net, h in zip(nets, inputs))
+        loss.backward()
+        net_optimizer.step()
+
+    # Interleave the two so that drifts in machine load affect both alike.
+    flow_times, net_times = [], []
+    for _ in range(5):
+        flow_times.append(median_seconds(flow_step, repeats=1, warmup=1))
+        net_times.append(median_seconds(subnet_step, repeats=1, warmup=1))
+    flow_time, net_time = sorted(flow_times)[2], sorted(net_times)[2]
+    print(f"machine: {machine()}")
+    print(f"Glow 3x32x32, 3 levels x 8 steps, hidden 128, batch 32, {len(nets)} subnetworks")
+    print(f"training step: flow {flow_time * 1e3:.0f} ms, subnetworks alone {net_time * 1e3:.0f} ms, "
+          f"ratio {flow_time / net_time:.3f} (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
