@@ -17,10 +17,12 @@ import inspect
 
 from models.density import DensityModel
 from models.glow import Glow
+from models.maf import MAF
 from models.nice import NICE
+from models.nsf import NSF
 from models.realnvp import RealNVP
 
-__all__ = ["DensityModel", "NICE", "RealNVP", "Glow", "MODELS", "build_model"]
+__all__ = ["DensityModel", "NICE", "RealNVP", "Glow", "MAF", "NSF", "MODELS", "build_model"]
 
 # Model name -> class. Each class has a ``PRESETS`` dict (preset name -> constructor
 # keyword arguments). Add a model with one line here.
@@ -28,6 +30,8 @@ MODELS: dict[str, type[DensityModel]] = {
     "nice": NICE,
     "realnvp": RealNVP,
     "glow": Glow,
+    "maf": MAF,
+    "nsf": NSF,
 }
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.tabular import TABULAR
 from models.toy import TOY_DENSITIES, ToyDensity
 
 __all__ = ["Dataset", "DataRequest", "DATASETS", "load_dataset", "DEFAULT_DATA_DIR"]
@@ -386,4 +387,5 @@ DATASETS: dict[str, Loader] = {
     "digits": load_digits,
     "mnist": load_mnist,
     "cifar10": load_cifar10,
+    **TABULAR,  # power, gas, hepmass, miniboone, bsds300, mixture10d (models/tabular.py)
 }

@@ -1,0 +1,946 @@
+"""The training loop behind ``train.py``, as small named functions.
+
+:func:`fit` runs :func:`train_step` over an endless stream of batches, logs averages as
+JSON lines, evaluates, and writes checkpoints. Everything a resumed run needs is in one
+checkpoint dict (model, optimizer, scheduler, scaler, step, configs, RNG states), written
+atomically, so that ``N`` steps and ``N/2 + resume + N/2`` give the same parameters.
+
+Conventions: the loss is the negative log-likelihood in nats per dimension, averaged
+over the batch; image data arrive in level units and are dequantised here (``x + u``),
+so bits/dim is ``loss / ln 2``. Non-finite values are caught by the loop, never by the
+layers: a device-side flag records the first bad step and is read at the logging and
+checkpoint steps, so the step itself never waits on the host (``nonfinite="skip"``
+checks on the host every step, since it has to decide whether to update).
+
+Distributed: one process per device under ``torchrun``; :func:`setup_processes` joins the
+process group when ``WORLD_SIZE > 1``, data are sharded by rank, gradients are averaged
+by ``DistributedDataParallel``, and only rank 0 writes files or shows a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import os
+import random
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
+
+from flows import ActNorm
+from models.metrics import bits_per_dim, dequantize
+
+__all__ = [
+    "Processes", "setup_processes", "teardown_processes", "resolve_device",
+    "check_finite", "EpochBatches", "make_train_loader", "train_batches",
+    "build_optimizer", "build_scheduler", "lr_factor", "make_scaler", "autocast",
+    "LogProbParts", "needs_data_init", "prepare_model", "StepOutput", "train_step", "apply_update",
+    "NonFiniteWatch", "StopSignals", "LoopSettings", "TrainState", "RunDir", "fit",
+    "EvalResult", "evaluate",
+    "checkpoint_payload", "save_checkpoint", "load_checkpoint", "check_compatible", "restore",
+    "MetricsLog", "read_metrics",
+    "save_samples", "save_density", "save_loss_curve",
+]
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_FORMAT = 1
+
+
+# Processes and devices
+
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands in a job of ``world_size`` processes (1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` -> this process's GPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device expected 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device expected a CUDA GPU for 'cuda', got none available; use --device cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup_processes(device_name: str) -> tuple[Processes, torch.device]:
+    """Reads torchrun's environment, picks the device and joins the process group if ``WORLD_SIZE > 1``.
+
+    The backend is NCCL on CUDA and Gloo on CPU.
+    """
+    procs = Processes(
+        rank=int(os.environ.get("RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+    device = resolve_device(device_name, procs.local_rank)
+    if procs.distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return procs, device
+
+
+def teardown_processes() -> None:
+    """Leaves the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _all_reduce(t: Tensor, procs: Processes, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    """``t`` reduced over all processes (in place), or ``t`` itself in a single process."""
+    if procs.distributed:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+# Data
+
+
+def check_finite(data: Tensor, what: str) -> None:
+    """Raises ``ValueError`` naming the first rows of ``data`` that hold NaN or inf (one host sync)."""
+    bad = ~torch.isfinite(data.flatten(1).float()).all(1)
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()[:5].tolist()
+        raise ValueError(f"{what} expected finite values, got NaN or inf in rows {rows} (first 5 shown)")
+
+
+class _Rows(Dataset):
+    """A tensor's rows, indexed a whole batch at a time, so a loader yields one tensor per batch."""
+
+    def __init__(self, data: Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: list[int]) -> Tensor:
+        return self.data[index]
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Index batches of one epoch: shuffled by ``(seed, epoch)``, sharded by rank, full batches only.
+
+    ``set_epoch(epoch, start)`` begins that epoch at batch ``start``, so a resumed run sees
+    the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, procs: Processes) -> None:
+        self.batch_size = batch_size
+        self._sampler = DistributedSampler(
+            range(size), num_replicas=procs.world_size, rank=procs.rank, shuffle=True, seed=seed, drop_last=True
+        )
+        if len(self) == 0:
+            raise ValueError(
+                f"batch_size expected at most the {len(self._sampler)} training samples of each of the "
+                f"{procs.world_size} process(es), got {batch_size}"
+            )
+        self._start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self._sampler.set_epoch(epoch)
+        self._start = start
+
+    def __len__(self) -> int:
+        return len(self._sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self._sampler)
+        for b in range(self._start, len(self)):
+            yield indices[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def make_train_loader(
+    data: Tensor, batch_size: int, seed: int, procs: Processes, pin_memory: bool = False
+) -> DataLoader:
+    """A loader of shuffled training batches for this process's shard of ``data``."""
+    sampler = EpochBatches(len(data), batch_size, seed, procs)
+    # Its own generator: otherwise each new iterator draws a seed from the global RNG,
+    # which would make a resumed run's noise differ from an uninterrupted one's.
+    return DataLoader(_Rows(data), sampler=sampler, batch_size=None, pin_memory=pin_memory,
+                      generator=torch.Generator())
+
+
+def train_batches(
+    loader: DataLoader, start_step: int, device: torch.device, dtype: torch.dtype, num_levels: int | None
+) -> Iterator[Tensor]:
+    """Endless batches from step ``start_step`` on, on ``device`` in ``dtype``, dequantised for image data."""
+    sampler: EpochBatches = loader.sampler
+    epoch, start = divmod(start_step, len(sampler))
+    while True:
+        sampler.set_epoch(epoch, start)
+        for x in loader:
+            x = x.to(device=device, dtype=dtype, non_blocking=True)
+            yield x if num_levels is None else _dequantize_levels(x, num_levels)
+        epoch, start = epoch + 1, 0
+
+
+def _dequantize_levels(x: Tensor, num_levels: int, generator: torch.Generator | None = None) -> Tensor:
+    """``x + u``, ``u ~ U[0, 1)``: dequantised levels in level units, ``[0, K)`` (the models' convention)."""
+    return dequantize(x, num_levels, generator=generator) * num_levels
+
+
+# Optimisation
+
+
+def build_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam over the model's parameters."""
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """The learning rate at ``step`` over the base rate: linear warm-up, then constant or cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, schedule: str = "constant"
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step schedule of :func:`lr_factor` (``schedule`` is ``"constant"`` or ``"cosine"``)."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule expected 'constant' or 'cosine', got {schedule!r}")
+    factor = partial(lr_factor, warmup=warmup, total=total, schedule=schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_scaler(amp: str, device: torch.device) -> torch.amp.GradScaler:
+    """A gradient scaler, enabled for ``amp="fp16"`` only (bf16 has float32's range)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The one autocast context of a step: ``"none"``, ``"bf16"`` or ``"fp16"``."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp expected one of {sorted(AMP_DTYPES)}, got {amp!r}")
+    dtype = AMP_DTYPES[amp]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# The step
+
+
+class LogProbParts(nn.Module):
+    """``forward(x, context) -> (log p_base(z), logdet)`` of a model: the entry DDP and compile wrap."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.model.log_prob_parts(x, context)
+
+
+def needs_data_init(model: nn.Module) -> bool:
+    """Whether some ActNorm still waits for its data-dependent initialisation."""
+    return any(isinstance(m, ActNorm) and not m.is_initialized for m in model.modules())
+
+
+def prepare_model(
+    model: nn.Module, first_batch: Tensor, procs: Processes, device: torch.device, compile: bool = False
+) -> nn.Module:
+    """Runs the data-dependent initialisation on ``first_batch``, then wraps the model for training.
+
+    The initialising forward runs on every rank before DDP wraps the model (ActNorm
+    averages its statistics over the ranks), so all ranks start identical. Returns a
+    module computing :class:`LogProbParts`, wrapped in DDP and ``torch.compile`` as asked.
+    """
+    model.train()
+    if needs_data_init(model):
+        with torch.no_grad():
+            model.log_prob_parts(first_batch)
+    net: nn.Module = LogProbParts(model)
+    if procs.distributed:
+        # Buffers (ActNorm's flag, fixed permutations) agree on all ranks: synced once at
+        # wrapping, never per step (the flag's name changed in torch 2.13).
+        ids = [device.index] if device.type == "cuda" else None
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in _ddp_arguments() else "broadcast_buffers"
+        net = DistributedDataParallel(net, device_ids=ids, **{no_sync: False})
+    return torch.compile(net) if compile else net
+
+
+def _ddp_arguments() -> set[str]:
+    return set(inspect.signature(DistributedDataParallel.__init__).parameters)
+
+
+@dataclass
+class StepOutput:
+    """Per-step values, detached 0-dim tensors on the device (nats per dimension, batch means)."""
+
+    loss: Tensor
+    log_p: Tensor
+    logdet: Tensor
+    grad_norm: Tensor
+
+    def stacked(self) -> Tensor:
+        return torch.stack([self.loss, self.log_p, self.logdet, self.grad_norm.to(self.loss.dtype)])
+
+
+def train_step(
+    net: nn.Module,
+    x: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    amp: str = "none",
+    clip: float = 0.0,
+) -> StepOutput:
+    """Forward and backward of one batch; the gradients are left for :func:`apply_update`.
+
+    The loss is ``-(log p_base(z) + logdet)`` per dimension, averaged over the batch, with
+    both terms summed in float32 (or the model's wider dtype) whatever the autocast dtype.
+    Gradients are unscaled and clipped to norm ``clip`` (0: not clipped, norm still reported).
+    No host sync.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(amp, x.device):
+        log_p, logdet = net(x)
+    wide = torch.promote_types(log_p.dtype, torch.float32)
+    dims = x[0].numel()
+    log_p, logdet = log_p.to(wide).mean() / dims, logdet.to(wide).mean() / dims
+    loss = -(log_p + logdet)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    return StepOutput(loss.detach(), log_p.detach(), logdet.detach(), grad_norm.detach())
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """The optimizer step through the scaler (which skips steps with inf gradients under fp16)."""
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# Non-finite values and stop signals
+
+
+class NonFiniteWatch:
+    """The first step whose batch or loss was not finite, kept on the device until read."""
+
+    NONE = 2**62
+
+    def __init__(self, device: torch.device) -> None:
+        self.first = torch.full((2,), self.NONE, dtype=torch.int64, device=device)  # (batch, loss)
+
+    def observe(self, step: int, x: Tensor, out: StepOutput, loss: bool = True) -> None:
+        """Records ``step`` if ``x`` (or, with ``loss``, the loss) is not finite (no host sync)."""
+        finite = torch.stack([torch.isfinite(x).all(), torch.isfinite(out.loss) | (not loss)])
+        self.first = torch.minimum(self.first, torch.where(finite, self.NONE, step))
+
+    def raise_if_seen(self, procs: Processes, last_good: str) -> None:
+        """Raises ``ValueError`` (bad batch) or ``FloatingPointError`` (bad loss) if any rank saw one."""
+        batch, loss = _all_reduce(self.first.clone(), procs, dist.ReduceOp.MIN).tolist()
+        if batch < self.NONE and batch <= loss:
+            raise ValueError(
+                f"training batch expected finite values, got NaN or inf in the batch of step {batch}; "
+                f"check the data set. {last_good}"
+            )
+        if loss < self.NONE:
+            raise FloatingPointError(
+                f"training stopped: the loss is NaN or inf at step {loss}. {last_good}. "
+                "Lower --lr, raise --warmup, set --clip, or pass --nonfinite skip to skip such batches."
+            )
+
+
+class StopSignals:
+    """Turns SIGINT / SIGTERM into a flag the loop polls; a second signal interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        with contextlib.suppress(ValueError):  # not the main thread: no handlers, no flag
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self, procs: Processes, sync_point: bool) -> bool:
+        """Whether to stop now; across processes only at sync points, so all ranks stop at one step."""
+        if not procs.distributed:
+            return self.signum is not None
+        if not sync_point:
+            return False
+        flag = torch.tensor([float(self.signum is not None)])
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        return bool(_all_reduce(flag, procs, dist.ReduceOp.MAX).item())
+
+
+# State, run directory and the loop
+
+
+@dataclass
+class LoopSettings:
+    """The knobs of :func:`fit`."""
+
+    steps: int  # stop after this many optimisation steps in all
+    log_every: int = 50  # steps between metric records (and non-finite checks)
+    ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
+    eval_every: int = 0  # steps between test evaluations (0: none during training)
+    clip: float = 0.0  # gradient-norm clip (0: none)
+    amp: str = "none"  # autocast dtype: none, bf16, fp16
+    nonfinite: str = "stop"  # on a non-finite loss: "stop" with an error, or "skip" the batch
+    progress: bool = True  # show a tqdm bar (rank 0)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores: the model, its optimisation state and where the loop stands."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    config: dict[str, Any]  # the run's configuration, saved with every checkpoint
+    step: int = 0
+    skipped: int = 0  # batches skipped for a non-finite loss
+    sums: Tensor | None = None  # running (loss, log_p, logdet, grad_norm) sums since the last record
+    count: int = 0  # steps in ``sums``
+    last_checkpoint: tuple[str, int] | None = None  # (path, step) of the last good checkpoint
+
+    def describe_last_checkpoint(self) -> str:
+        if self.last_checkpoint is None:
+            return "No checkpoint was written yet"
+        path, step = self.last_checkpoint
+        return f"Last good checkpoint: {path} (step {step}), left in place"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of a run under one directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples.png"
+
+    @property
+    def loss(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def density(self) -> Path:
+        return self.root / "density.png"
+
+
+@dataclass
+class _Loop:
+    """What one call of :func:`fit` shares between its helpers."""
+
+    state: TrainState
+    settings: LoopSettings
+    procs: Processes
+    run: RunDir
+    log: MetricsLog
+    watch: NonFiniteWatch
+    evaluator: Callable[[], EvalResult] | None
+    bar: tqdm
+    clock: float = field(default_factory=time.perf_counter)  # start of the current timing interval
+    clock_step: int = 0  # the step at ``clock``
+    batch_size: int = 0  # samples per step over all processes
+
+
+def fit(
+    state: TrainState,
+    net: nn.Module,
+    batches: Iterator[Tensor],
+    settings: LoopSettings,
+    procs: Processes,
+    run: RunDir,
+    evaluator: Callable[[], EvalResult] | None = None,
+) -> str:
+    """Trains ``state`` up to ``settings.steps``; returns ``"done"`` or ``"interrupted"`` (by a signal).
+
+    Writes a metrics record every ``log_every`` steps, evaluates every ``eval_every``,
+    and checkpoints every ``ckpt_every`` steps, at the end, and when SIGINT / SIGTERM
+    arrives. A non-finite loss raises ``FloatingPointError`` naming the step and the last
+    good checkpoint (left untouched), or with ``nonfinite="skip"`` skips the update.
+    """
+    if settings.nonfinite not in ("stop", "skip"):
+        raise ValueError(f"nonfinite expected 'stop' or 'skip', got {settings.nonfinite!r}")
+    device = next(state.model.parameters()).device
+    if procs.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+    if state.sums is None:
+        state.sums = torch.zeros(4, dtype=torch.float64, device=device)
+    bar = tqdm(total=settings.steps, initial=state.step, disable=not (procs.is_main and settings.progress),
+               dynamic_ncols=True, unit="step")
+    loop = _Loop(state, settings, procs, run, MetricsLog(run.metrics if procs.is_main else None),
+                 NonFiniteWatch(device), evaluator, bar, clock_step=state.step)
+    with StopSignals() as stop, bar:
+        while state.step < settings.steps:
+            x = next(batches)
+            loop.batch_size = len(x) * procs.world_size
+            _one_step(loop, net, x)
+            bar.update(1)
+            sync = state.step % settings.log_every == 0 or state.step == settings.steps
+            if sync:
+                _log(loop)
+            # The last step's evaluation is the caller's (it reports it).
+            due = settings.eval_every and state.step % settings.eval_every == 0 and state.step < settings.steps
+            if evaluator and due:
+                _log_eval(loop, evaluator())
+            if stop.requested(procs, sync):
+                _checkpoint(loop)
+                return "interrupted"
+            if settings.ckpt_every and state.step % settings.ckpt_every == 0:
+                _checkpoint(loop)
+    if state.last_checkpoint is None or state.last_checkpoint[1] != state.step:
+        _checkpoint(loop)
+    return "done"
+
+
+def _one_step(loop: _Loop, net: nn.Module, x: Tensor) -> None:
+    """One step: gradients, the non-finite watch, the update (or a skip), the schedule."""
+    state, settings = loop.state, loop.settings
+    out = train_step(net, x, state.optimizer, state.scaler, settings.amp, settings.clip)
+    skip_mode = settings.nonfinite == "skip"
+    loop.watch.observe(state.step, x, out, loss=not skip_mode)
+    if skip_mode and not _finite_on_all_ranks(loop, x, out):
+        state.skipped += 1
+    else:
+        apply_update(state.optimizer, state.scaler)
+        state.sums += out.stacked().to(state.sums.dtype)
+        state.count += 1
+    state.scheduler.step()
+    state.step += 1
+
+
+def _finite_on_all_ranks(loop: _Loop, x: Tensor, out: StepOutput) -> bool:
+    """Skip mode's check, on the host every step: raises for a bad batch; is the loss (and gradient) finite?
+
+    Under fp16, inf gradients are the scaler's business (it skips those updates itself).
+    """
+    checks = [torch.isfinite(x).all(), torch.isfinite(out.loss)]
+    if loop.settings.amp != "fp16":
+        checks.append(torch.isfinite(out.grad_norm))
+    finite = _all_reduce(torch.stack(checks).to(torch.float32), loop.procs, dist.ReduceOp.MIN).tolist()
+    if not finite[0]:
+        loop.watch.raise_if_seen(loop.procs, loop.state.describe_last_checkpoint())
+    return all(finite)
+
+
+def _log(loop: _Loop) -> None:
+    """A metrics record and the bar's text from the sums since the last one (a host sync)."""
+    state = loop.state
+    loop.watch.raise_if_seen(loop.procs, state.describe_last_checkpoint())
+    sums = _all_reduce(state.sums.clone(), loop.procs) / loop.procs.world_size
+    loss, log_p, logdet, grad_norm = (sums / max(state.count, 1)).tolist()
+    bpd = bits_per_dim(loss, num_dims=1)  # the loss is already per dimension
+    now = time.perf_counter()
+    record = {
+        "split": "train", "step": state.step, "loss": loss, "bits_per_dim": bpd,
+        "log_p": log_p, "logdet": logdet, "grad_norm": grad_norm,
+        "lr": state.scheduler.get_last_lr()[0], "skipped": state.skipped,
+        "images_per_sec": loop.batch_size * (state.step - loop.clock_step) / max(now - loop.clock, 1e-9),
+    }
+    loop.log.write(record)
+    text = {"loss": f"{loss:.4f}", "bpd": f"{bpd:.4f}", "log_p": f"{log_p:.3f}", "logdet": f"{logdet:.3f}",
+            "lr": f"{record['lr']:.2e}"}
+    loop.bar.set_postfix(text, refresh=False)
+    state.sums.zero_()
+    state.count = 0
+    _restart_clock(loop)
+
+
+def _restart_clock(loop: _Loop) -> None:
+    """Starts a new throughput interval (evaluations and checkpoints are not training time)."""
+    loop.clock, loop.clock_step = time.perf_counter(), loop.state.step
+
+
+def _log_eval(loop: _Loop, result: EvalResult) -> None:
+    loop.log.write({"split": "test", "step": loop.state.step, **result.as_dict()})
+    if loop.procs.is_main and loop.settings.progress:
+        loop.bar.write(f"step {loop.state.step}: test {result}")
+    _restart_clock(loop)
+
+
+def _checkpoint(loop: _Loop) -> None:
+    """Checks for non-finite values, then writes the checkpoint (rank 0) atomically."""
+    state = loop.state
+    loop.watch.raise_if_seen(loop.procs, state.describe_last_checkpoint())
+    payload = checkpoint_payload(state, loop.procs)
+    if loop.procs.is_main:
+        save_checkpoint(payload, loop.run.checkpoint)
+    state.last_checkpoint = (str(loop.run.checkpoint), state.step)
+    _restart_clock(loop)
+
+
+# Evaluation
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Test negative log-likelihood per dimension, with the standard error of the mean."""
+
+    nats_per_dim: float
+    bits_per_dim: float
+    bits_per_dim_stderr: float
+    count: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"nats_per_dim": self.nats_per_dim, "bits_per_dim": self.bits_per_dim,
+                "bits_per_dim_stderr": self.bits_per_dim_stderr, "count": self.count}
+
+    def __str__(self) -> str:
+        return (f"{self.bits_per_dim:.4f} ± {self.bits_per_dim_stderr:.4f} bits/dim "
+                f"({self.nats_per_dim:.4f} nats/dim, {self.count} samples)")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Tensor,
+    num_levels: int | None,
+    batch_size: int,
+    procs: Processes = Processes(),
+    seed: int = 0,
+) -> EvalResult:
+    """Test NLL of ``data`` in eval mode, without gradients, sharded over the processes.
+
+    Image data are dequantised with noise from a generator seeded by ``seed`` (and the
+    rank), so the number is reproducible and the global RNG is untouched.
+    """
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(param.device).manual_seed(seed * 1_000_003 + procs.rank)
+    sums = torch.zeros(3, dtype=torch.float64, device=param.device)  # count, sum, sum of squares
+    for chunk in data[procs.rank :: procs.world_size].split(batch_size):
+        x = chunk.to(device=param.device, dtype=param.dtype)
+        if num_levels is not None:
+            x = _dequantize_levels(x, num_levels, generator)
+        nll = -model.log_prob(x).double()  # nats per sample
+        sums += torch.stack([torch.ones_like(nll).sum(), nll.sum(), nll.pow(2).sum()])
+    model.train(was_training)
+    count, total, squares = _all_reduce(sums, procs).tolist()
+    dims = math.prod(data.shape[1:])
+    mean = total / count
+    variance = max(squares / count - mean**2, 0.0) * count / max(count - 1, 1)  # Bessel-corrected
+    stderr = math.sqrt(variance / count)
+    return EvalResult(mean / dims, bits_per_dim(mean, dims), bits_per_dim(stderr, dims), int(count))
+
+
+# Checkpoints
+
+
+def _rng_states() -> dict[str, Any]:
+    """The RNG states of torch (CPU and every CUDA device), numpy and Python."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+
+
+def _all_finite(tensors: Iterator[Tensor]) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def checkpoint_payload(state: TrainState, procs: Processes) -> dict[str, Any]:
+    """The one checkpoint dict; called on every rank (the RNG states of all ranks are gathered)."""
+    rng = _rng_states()
+    if procs.distributed:
+        gathered: list[Any] = [None] * procs.world_size
+        dist.all_gather_object(gathered, rng)
+        rng_by_rank = gathered
+    else:
+        rng_by_rank = [rng]
+    model = state.model
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": state.step,
+        "model": model.state_dict(),
+        "model_name": getattr(model, "name", type(model).__name__),
+        "model_config": getattr(model, "config", {}),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "config": state.config,
+        "loop": {"skipped": state.skipped, "sums": state.sums.cpu() if state.sums is not None else None,
+                 "count": state.count},
+        "rng": rng_by_rank,
+    }
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Writes ``payload`` to ``path`` atomically: a temporary file in the same directory, then ``os.replace``.
+
+    A failure at any point leaves an existing ``path`` as it was. A model with NaN or inf
+    parameters is never written (``FloatingPointError``), so it cannot replace a good one.
+    """
+    path = Path(path)
+    if not _all_finite(payload["model"].values()):
+        raise FloatingPointError(f"refusing to write a checkpoint with NaN or inf parameters to {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the checkpoint private
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Loads a checkpoint dict (tensors on the CPU) written by :func:`save_checkpoint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint expected a file written by train.py, got {str(path)!r} (no such file)")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint expected a train.py checkpoint (format {CHECKPOINT_FORMAT}), got {str(path)!r}")
+    return payload
+
+
+def check_compatible(payload: dict[str, Any], model: nn.Module, path: str | Path) -> None:
+    """Raises ``ValueError`` if the checkpoint holds another model (name or constructor config)."""
+    name = getattr(model, "name", type(model).__name__)
+    config = getattr(model, "config", {})
+    if payload["model_name"] == name and payload["model_config"] == config:
+        return
+    keys = sorted(set(config) | set(payload["model_config"]))
+    theirs = {k: payload["model_config"].get(k) for k in keys if payload["model_config"].get(k) != config.get(k)}
+    ours = {k: config.get(k) for k in theirs}
+    raise ValueError(
+        f"resume expected a checkpoint of the model being built ({name} with {ours}), got "
+        f"{payload['model_name']} with {theirs} in {str(path)!r}; pass the same --model and --preset "
+        "as the run that wrote it (or leave them out)"
+    )
+
+
+def restore(state: TrainState, payload: dict[str, Any], procs: Processes) -> None:
+    """Loads a checkpoint into ``state``: weights, optimizer, schedule, scaler, loop and RNG states."""
+    state.model.load_state_dict(payload["model"])
+    state.optimizer.load_state_dict(payload["optimizer"])
+    state.scheduler.load_state_dict(payload["scheduler"])
+    if payload["scaler"] and state.scaler.is_enabled():
+        state.scaler.load_state_dict(payload["scaler"])
+    state.step = payload["step"]
+    loop = payload["loop"]
+    state.skipped, state.count = loop["skipped"], loop["count"]
+    device = next(state.model.parameters()).device
+    state.sums = None if loop["sums"] is None else loop["sums"].to(device)
+    rng = payload["rng"]
+    _set_rng_states(rng[procs.rank % len(rng)])
+
+
+# Metrics
+
+
+class MetricsLog:
+    """Appends records as JSON lines to ``path``; with ``path=None`` (ranks other than 0) writes nothing."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drops records past ``step`` (written after the checkpoint a run resumes from)."""
+        if self.path is None or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics file, in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# Pictures
+
+
+def _figure(ncols: int = 1, size: float = 4.0, share: bool = False):
+    """A matplotlib figure drawn by the Agg backend (no display, no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(size * ncols, size), layout="constrained")
+    return figure, figure.subplots(1, ncols, squeeze=False, sharex=share, sharey=share)[0]
+
+
+@torch.no_grad()
+def _samples(model: nn.Module, n: int, temperature: float, seed: int) -> Tensor:
+    """``n`` samples drawn without touching the global RNG stream."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        x = model.sample(n, temperature=temperature)
+    model.train(was_training)
+    return x.float().cpu()
+
+
+def _image_grid(x: Tensor, num_levels: int | None, pad: int = 1) -> Tensor:
+    """Images ``(N, C, H, W)`` tiled with ``pad`` grey pixels between them, in [0, 1].
+
+    Returns ``(rows * (H + pad), cols * (W + pad), C)``.
+    """
+    if num_levels is not None:
+        x = x.floor().clamp(0, num_levels - 1) / (num_levels - 1)
+    else:
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+    n, c, h, w = x.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    x = torch.cat([x, torch.full((rows * cols - n, c, h, w), 0.5)])
+    x = torch.nn.functional.pad(x, (0, pad, 0, pad), value=0.5)  # (N', C, H+pad, W+pad)
+    grid = x.reshape(rows, cols, c, h + pad, w + pad).permute(0, 3, 1, 4, 2)  # (rows, H+pad, cols, W+pad, C)
+    return grid.reshape(rows * (h + pad), cols * (w + pad), c)
+
+
+def save_samples(
+    model: nn.Module, path: str | Path, n: int = 64, temperature: float = 1.0, seed: int = 0,
+    data: Tensor | None = None, points: int = 2000,
+) -> None:
+    """A PNG of samples: a grid of ``n`` images, or for vectors a scatter of ``points`` samples'
+    first two features beside as many of ``data``'s."""
+    x = _samples(model, n if len(model.in_shape) == 3 else points, temperature, seed)
+    if x.dim() == 4:
+        figure, (ax,) = _figure()
+        grid = _image_grid(x, getattr(model, "num_levels", None))
+        ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=1,
+                  interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"samples, T = {temperature}")
+    else:
+        panels = [(f"samples, T = {temperature}", x)]
+        if data is not None:
+            panels.append(("data", data[:points].float().cpu()))
+        figure, axes = _figure(ncols=len(panels), share=True)
+        for ax, (title, values) in zip(axes, panels, strict=True):
+            ax.scatter(values[:, 0].numpy(), values[:, 1].numpy(), s=1, alpha=0.4)
+            ax.set_title(title)
+            ax.set_aspect("equal")
+    figure.savefig(path, dpi=120)
+
+
+@torch.no_grad()
+def save_density(
+    model: nn.Module, path: str | Path, data: Tensor, true_log_prob: Callable[[Tensor], Tensor] | None = None,
+    resolution: int = 200,
+) -> None:
+    """A PNG of a 2D model's density on a grid around ``data``, beside the true density if given."""
+    low, high = data.float().quantile(0.001, dim=0), data.float().quantile(0.999, dim=0)
+    margin = 0.1 * (high - low)
+    low, high = (low - margin).tolist(), (high + margin).tolist()
+    axes_x = torch.linspace(low[0], high[0], resolution)
+    axes_y = torch.linspace(low[1], high[1], resolution)
+    grid = torch.stack(torch.meshgrid(axes_x, axes_y, indexing="xy"), -1).reshape(-1, 2)  # (R*R, 2)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    learned = torch.cat([model.log_prob(g.to(param.device, param.dtype)).cpu() for g in grid.split(4096)])
+    model.train(was_training)
+    panels = [("learned density", learned)]
+    if true_log_prob is not None:
+        panels.append(("true density", true_log_prob(grid.to(torch.float64)).cpu()))
+    figure, axes = _figure(ncols=len(panels))
+    for ax, (title, log_p) in zip(axes, panels, strict=True):
+        image = log_p.double().exp().reshape(resolution, resolution).numpy()
+        ax.imshow(image, origin="lower", extent=(low[0], high[0], low[1], high[1]), cmap="viridis")
+        ax.set_title(title)
+    figure.savefig(path, dpi=120)
+
+
+def save_loss_curve(records: list[dict[str, Any]], path: str | Path) -> None:
+    """A PNG of training bits/dim per step, with test bits/dim where evaluated."""
+    figure, (ax,) = _figure(size=5.0)
+    train = [r for r in records if r["split"] == "train"]
+    test = [r for r in records if r["split"] == "test"]
+    ax.plot([r["step"] for r in train], [r["bits_per_dim"] for r in train], label="train")
+    if test:
+        ax.plot([r["step"] for r in test], [r["bits_per_dim"] for r in test], "o-", label="test")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits / dim")
+    ax.legend()
+    figure.savefig(path, dpi=120)
