@@ -6,7 +6,6 @@ from functools import partial
 
 import pytest
 import torch
-from torch import Tensor
 
 import flows
 from flows.base import Flow, zero_logdet

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import flows
 from flows.nets import MLP, GlowConvNet
-from models import training
+from models import plots, training
 from models.metrics import nats_mean_and_stderr
 from models.training import LoopSettings, Processes, RunDir, TrainState
 
@@ -223,11 +223,11 @@ def test_amp_bf16_step_keeps_a_float32_loss() -> None:
 def test_pictures(tmp_path: Path) -> None:
     model = StandIn((2,))
     data = vector_data(100)[:, :2]
-    training.save_samples(model, tmp_path / "s.png", n=50, data=data)
-    training.save_density(model, tmp_path / "d.png", data, lambda g: -0.5 * g.pow(2).sum(1), resolution=20)
-    training.save_samples(StandIn((1, 4, 4), 17), tmp_path / "i.png", n=10)
+    plots.save_samples(model, tmp_path / "s.png", n=50, data=data)
+    plots.save_density(model, tmp_path / "d.png", data, lambda g: -0.5 * g.pow(2).sum(1), resolution=20)
+    plots.save_samples(StandIn((1, 4, 4), 17), tmp_path / "i.png", n=10)
     records = [{"split": "train", "step": 1, "bits_per_dim": 2.0}, {"split": "test", "step": 1, "bits_per_dim": 2.1}]
-    training.save_loss_curve(records, tmp_path / "l.png")
+    plots.save_loss_curve(records, tmp_path / "l.png")
     assert all((tmp_path / f).stat().st_size > 1000 for f in ("s.png", "d.png", "i.png", "l.png"))
 
 
