@@ -317,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     config, payload = resolve_config(argv)
     procs, device = training.setup_processes(config.device)
     try:
-        return run(config, payload, procs, device)
-    finally:
-        training.teardown_processes()
+        status = run(config, payload, procs, device)
+    except BaseException:
+        training.teardown_processes(wait=False)
+        raise
+    training.teardown_processes()
+    return status
 
 
 if __name__ == "__main__":

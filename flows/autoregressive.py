@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from flows._checks import check_context, check_input
 from flows.base import Flow
-from flows.splines import rational_quadratic_spline, spline_param_count
+from flows.splines import packed_spline, spline_param_count
 
 __all__ = ["MADE", "Autoregressive", "MaskedAffineAutoregressive", "RQSplineAutoregressive"]
 
@@ -373,15 +373,8 @@ class RQSplineAutoregressive(Autoregressive):
         self.num_bins = num_bins
         self.tail_bound = tail_bound
 
-    def _spline(self, inputs: Tensor, params: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        k = self.num_bins
-        widths, heights, derivatives = params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
-        return rational_quadratic_spline(
-            inputs, widths, heights, derivatives, inverse=inverse, tail_bound=self.tail_bound
-        )
-
     def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return self._spline(x, params, inverse=False)
+        return packed_spline(x, params, inverse=False, tail_bound=self.tail_bound)
 
     def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return self._spline(y, params, inverse=True)
+        return packed_spline(y, params, inverse=True, tail_bound=self.tail_bound)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["rational_quadratic_spline", "spline_param_count"]
+__all__ = ["rational_quadratic_spline", "spline_param_count", "packed_spline"]
 
 
 def spline_param_count(num_bins: int) -> int:
@@ -230,3 +230,14 @@ def rational_quadratic_spline(
     outputs, log_derivative = (_inverse_in_bin if inverse else _forward_in_bin)(clamped, bin_)
     outputs = torch.where(inside, outputs, inputs)
     return outputs, torch.where(inside, log_derivative, torch.zeros_like(log_derivative))
+
+
+def packed_spline(inputs: Tensor, params: Tensor, inverse: bool = False, tail_bound: float = 3.0) -> tuple[Tensor, Tensor]:
+    """:func:`rational_quadratic_spline` with its parameters packed in one tensor.
+
+    ``params`` is ``(*inputs.shape, 3K - 1)``: ``K`` widths, ``K`` heights, then ``K - 1``
+    interior derivatives, as a conditioner outputs them (``K`` from the last dimension).
+    """
+    k = (params.shape[-1] + 1) // 3
+    widths, heights, derivatives = params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
+    return rational_quadratic_spline(inputs, widths, heights, derivatives, inverse=inverse, tail_bound=tail_bound)

@@ -112,9 +112,16 @@ def setup_processes(device_name: str) -> tuple[Processes, torch.device]:
     return procs, device
 
 
-def teardown_processes() -> None:
-    """Leaves the process group, if this process joined one."""
+def teardown_processes(wait: bool = True) -> None:
+    """Leaves the process group, if this process joined one.
+
+    With ``wait`` (a normal exit) all ranks wait for each other first: rank 0 may still
+    be writing pictures, and a Gloo group destroyed on one rank while a peer is busy can
+    abort that process. After an error a rank leaves at once, so it cannot hang.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
