@@ -636,20 +636,25 @@ def _checkpoint(loop: _Loop) -> None:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Test negative log-likelihood per dimension, with the standard error of the mean."""
+    """Test negative log-likelihood per dimension, with the standard error of the mean, and
+    the average log-likelihood per sample in nats (as the tabular papers report it)."""
 
     nats_per_dim: float
     bits_per_dim: float
     bits_per_dim_stderr: float
     count: int
+    log_likelihood: float = math.nan
+    log_likelihood_stderr: float = math.nan
 
     def as_dict(self) -> dict[str, float | int]:
         return {"nats_per_dim": self.nats_per_dim, "bits_per_dim": self.bits_per_dim,
-                "bits_per_dim_stderr": self.bits_per_dim_stderr, "count": self.count}
+                "bits_per_dim_stderr": self.bits_per_dim_stderr, "count": self.count,
+                "log_likelihood": self.log_likelihood, "log_likelihood_stderr": self.log_likelihood_stderr}
 
     def __str__(self) -> str:
         return (f"{self.bits_per_dim:.4f} ± {self.bits_per_dim_stderr:.4f} bits/dim "
-                f"({self.nats_per_dim:.4f} nats/dim, {self.count} samples)")
+                f"({self.nats_per_dim:.4f} nats/dim, {self.count} samples); average log-likelihood "
+                f"{self.log_likelihood:.4f} ± {self.log_likelihood_stderr:.4f} nats per sample")
 
 
 @torch.no_grad()
@@ -683,7 +688,7 @@ def evaluate(
     mean = total / count
     variance = max(squares / count - mean**2, 0.0) * count / max(count - 1, 1)  # Bessel-corrected
     stderr = math.sqrt(variance / count)
-    return EvalResult(mean / dims, bits_per_dim(mean, dims), bits_per_dim(stderr, dims), int(count))
+    return EvalResult(mean / dims, bits_per_dim(mean, dims), bits_per_dim(stderr, dims), int(count), -mean, stderr)
 
 
 # Checkpoints

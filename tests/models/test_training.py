@@ -259,3 +259,17 @@ def test_ddp_two_processes_agree_and_only_rank_0_writes(tmp_path: Path) -> None:
         assert torch.equal(a, b)
     assert (tmp_path / "run0" / "checkpoint.pt").exists() and not (tmp_path / "run1").exists()
     assert [r["step"] for r in training.read_metrics(tmp_path / "run0" / "metrics.jsonl")] == [2, 4]
+
+
+def test_evaluate_reports_the_average_log_likelihood_per_sample() -> None:
+    """An identity flow on N(0, I): the log-likelihood is the Gaussian's, exactly."""
+    import flows
+
+    model = flows.FlowDistribution(flows.ScalarAffine(1.0), flows.StandardNormal(3))
+    model.dummy = torch.nn.Parameter(torch.zeros(()))  # evaluate reads the device from a parameter
+    data = torch.randn(40, 3)
+    result = training.evaluate(model, data, None, batch_size=16)
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(data).sum(1)
+    assert abs(result.log_likelihood - float(expected.mean())) < 1e-9
+    assert abs(result.log_likelihood_stderr - float(expected.std() / 40**0.5)) < 1e-9
+    assert abs(result.nats_per_dim * 3 + result.log_likelihood) < 1e-9
