@@ -76,6 +76,7 @@ class Coupling(Flow):
         self.parity = parity
         self.context_features = context_features
         self.params_per_feature = params_per_feature
+        self._masks: dict[tuple, Tensor] = {}  # checkerboard masks by (shape, device, inference mode)
         half = num_features // 2
         # parity 0 transforms the second half [half, D), parity 1 the first [0, half).
         self._transformed = slice(half, None) if parity == 0 else slice(0, half)
@@ -120,7 +121,7 @@ class Coupling(Flow):
             y = torch.cat(parts, dim=1)
             selected = log_derivative
         else:
-            m = checkerboard(tuple(x.shape[1:]), self.parity).to(x.device).unsqueeze(0)
+            m = self._checkerboard_on(x)
             y_all, log_derivative = elementwise(x, self._params(x * ~m, context))
             y = torch.where(m, y_all, x)
             selected = None if log_derivative is None else torch.where(m, log_derivative, 0.0)
@@ -128,6 +129,20 @@ class Coupling(Flow):
             return y, zero_logdet(x)
         logdet = selected.flatten(1).sum(1)
         return y, logdet.to(torch.promote_types(logdet.dtype, torch.float32))
+
+    def _checkerboard_on(self, x: Tensor) -> Tensor:
+        """The ``(1, *sample shape)`` checkerboard on ``x``'s device, built once per shape.
+
+        Cached so that no mask is rebuilt and copied to the device on every call; the
+        key holds the inference mode, since a mask made under ``torch.inference_mode``
+        cannot be saved for a later backward pass.
+        """
+        key = (tuple(x.shape[1:]), x.device, torch.is_inference_mode_enabled())
+        mask = self._masks.get(key)
+        if mask is None:
+            mask = checkerboard(key[0], self.parity).to(x.device).unsqueeze(0)
+            self._masks[key] = mask
+        return mask
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, context, inverse=False)

@@ -157,3 +157,25 @@ def test_float32_round_trip_through_64_layers(image: bool) -> None:
     # on both stacks, so this bound catches any layer that loses precision badly.
     assert (x_back - x).abs().max() < 1e-4
     assert (logdet + inverse_logdet).abs().max() < 1e-4 * max(1.0, float(logdet.abs().max()))
+
+
+def test_checkerboard_mask_is_built_once_per_shape() -> None:
+    layer = flows.AffineCoupling(3, conv, mask="checkerboard")
+    x = torch.randn(2, 3, 4, 4)
+    layer(x)
+    mask = layer._checkerboard_on(x)
+    layer(x)
+    layer.inverse(x)
+    assert layer._checkerboard_on(x) is mask and len(layer._masks) == 1
+    assert layer._checkerboard_on(torch.randn(2, 3, 2, 2)).shape == (1, 3, 2, 2)
+
+
+def test_checkerboard_after_inference_mode_still_trains() -> None:
+    layer = flows.AffineCoupling(3, conv, mask="checkerboard")
+    perturb(layer)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.inference_mode():
+        layer(x)
+    y, logdet = layer(x)
+    (y.sum() + logdet.sum()).backward()
+    assert all(p.grad is not None for p in layer.parameters())
