@@ -244,12 +244,16 @@ def _ddp_worker(rank: int, world_size: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     procs, device = training.setup_processes("cpu")
     try:
-        torch.manual_seed(rank)  # different on purpose: DDP must make them equal
-        data = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1
-        state, _ = start(StandIn(), data, 4, Path(tmp) / f"run{rank}", procs=procs)
-        torch.save(params(state.model), Path(tmp) / f"params{rank}.pt")
+        _ddp_train(rank, tmp, procs)  # its training state is gone before the group is
     finally:
         training.teardown_processes()
+
+
+def _ddp_train(rank: int, tmp: str, procs: training.Processes) -> None:
+    torch.manual_seed(rank)  # different on purpose: DDP must make them equal
+    data = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    state, _ = start(StandIn(), data, 4, Path(tmp) / f"run{rank}", procs=procs)
+    torch.save(params(state.model), Path(tmp) / f"params{rank}.pt")
 
 
 def test_ddp_two_processes_agree_and_only_rank_0_writes(tmp_path: Path) -> None:
