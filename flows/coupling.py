@@ -81,6 +81,7 @@ class Coupling(Flow):
         # parity 0 transforms the second half [half, D), parity 1 the first [0, half).
         self._transformed = slice(half, None) if parity == 0 else slice(0, half)
         self._conditioning = slice(0, half) if parity == 0 else slice(half, None)
+        self._channel_split = (half, num_features - half)
         if mask == "channel":
             n_in = len(range(num_features)[self._conditioning])
             n_out = num_features - n_in
@@ -115,7 +116,10 @@ class Coupling(Flow):
         self._validate(x, context)
         elementwise = self.inverse_transform if inverse else self.transform
         if self.mask == "channel":
-            x_cond, x_tr = x[:, self._conditioning], x[:, self._transformed]
+            # One split (its backward is one cat) rather than two slices (each of whose
+            # backward fills a zero tensor of the input's size).
+            first, second = x.split(self._channel_split, dim=1)
+            x_cond, x_tr = (first, second) if self.parity == 0 else (second, first)
             y_tr, log_derivative = elementwise(x_tr, self._params(x_cond, context))
             parts = [x_cond, y_tr] if self.parity == 0 else [y_tr, x_cond]
             y = torch.cat(parts, dim=1)
@@ -193,10 +197,10 @@ class AdditiveCoupling(Coupling):
         super().__init__(num_features, subnet, mask, parity, context_features, params_per_feature=1)
 
     def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, None]:
-        return x + params[..., 0], None
+        return x + params.squeeze(-1), None
 
     def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, None]:
-        return y - params[..., 0], None
+        return y - params.squeeze(-1), None
 
 
 class AffineCoupling(Coupling):
@@ -242,7 +246,7 @@ class AffineCoupling(Coupling):
         self.clamp = clamp
 
     def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift, h = params[..., 0], params[..., 1]
+        shift, h = params.unbind(-1)  # one stack in backward, not two zero-filled selects
         if self.scale == "sigmoid":
             return shift, F.logsigmoid(h + 2.0)
         return shift, self.clamp * torch.tanh(h / self.clamp)
