@@ -9,6 +9,9 @@ Commands::
     python train.py --model glow --preset mnist --download
     python train.py --model realnvp --preset toy2d --dataset two_moons
 
+    # Class-conditional: the one-hot label is every conditioner's context; density.png per class.
+    python train.py --model nsf --preset toy2d --dataset rings --conditional
+
     # Resume an interrupted run (flags not given come from the checkpoint); --steps N extends it:
     python train.py --resume runs/realnvp-digits/checkpoint.pt
 
@@ -20,7 +23,8 @@ Commands::
 
 A run writes under ``--out`` (default ``runs/<model>-<dataset>``): ``config.json``,
 ``metrics.jsonl`` (one JSON record per log step and evaluation), ``checkpoint.pt``,
-``samples.png``, ``loss.png``, and for 2D data ``density.png`` (learned beside true).
+``samples.png``, ``loss.png``, and for 2D data ``density.png`` (learned beside true; a
+column per class with ``--conditional``).
 SIGINT / SIGTERM write a checkpoint and exit; ``--resume`` continues exactly.
 """
 
@@ -60,6 +64,7 @@ class Config:
     dataset: str = "digits"  # data set: digits (embedded), a 2D toy (two_moons, checkerboard, ...), mixture10d, mnist, cifar10, or a tabular set (power, gas, hepmass, miniboone, bsds300)
     data_dir: str = "data"  # folder holding downloadable data sets
     download: bool = False  # download a missing data set into --data-dir
+    conditional: bool = False  # model p(x | class): the one-hot label is the context (2D toys, digits, mnist, cifar10)
     steps: int = 6000  # optimisation steps in all; a resumed run continues up to this
     epochs: float | None = None  # train for this many passes over the training set instead of --steps
     batch_size: int = 128  # samples per step, per process
@@ -155,8 +160,8 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, dict[str, Any] | Non
         values["epochs"] = None
     config = Config(**values)
     if config.out is None:
-        default = Path(config.resume).parent if config.resume else Path("runs") / f"{config.model}-{config.dataset}"
-        config.out = str(default)
+        name = f"{config.model}-{config.dataset}" + ("-conditional" if config.conditional else "")
+        config.out = str(Path(config.resume).parent if config.resume else Path("runs") / name)
     check_config(config)
     return config, payload
 
@@ -235,30 +240,44 @@ def describe(config: Config, model: torch.nn.Module, train: Dataset, test: Datas
     size = sum(p.numel() for p in model.parameters())
     levels = f", {train.num_levels} levels" if train.num_levels else ""
     scale = f" x {procs.world_size} processes" if procs.distributed else ""
-    return (f"{config.model} ({config.preset} preset, {size:,} parameters) on {config.dataset} "
+    given = f" given the class ({train.num_classes} classes)" if config.conditional else ""
+    return (f"{config.model} ({config.preset} preset, {size:,} parameters) on {config.dataset}{given} "
             f"({len(train)} train / {len(test)} test, shape {train.shape}{levels}); {config.steps} steps of "
             f"{config.batch_size}{scale} on {device}, amp {config.amp} -> {config.out}")
+
+
+def context_of(config: Config, ds: Dataset) -> torch.Tensor | None:
+    """The model's context for each sample of ``ds``: its one-hot class with ``--conditional``, else None."""
+    return ds.class_context() if config.conditional else None
 
 
 def finish(config: Config, model: torch.nn.Module, train: Dataset, test: Dataset, run: RunDir,
            procs: Processes, log: training.MetricsLog, step: int) -> None:
     """Final test evaluation and pictures (rank 0 writes them)."""
-    result = training.evaluate(model, test.data, test.num_levels, 4 * config.batch_size, procs, config.seed)
+    result = training.evaluate(model, test.data, test.num_levels, 4 * config.batch_size, procs, config.seed,
+                               context_of(config, test))
     record = {"split": "test", "step": step, **result.as_dict()}
     report(procs, f"test: {result}")
     if test.density is not None:
-        # Known density: test NLL minus the true entropy is the KL gap, KL(p || model) per dim.
+        # Known density: test NLL minus the true entropy is the KL gap, KL(p || model) per dim
+        # (given the class, H(X | class) is the floor and the gap is the expected KL per class).
         dims = math.prod(test.shape)
-        entropy, stderr = test.density.entropy()
+        entropy, stderr = test.density.conditional_entropy() if config.conditional else test.density.entropy()
         record.update(entropy_per_dim=entropy / dims, kl_gap_per_dim=result.nats_per_dim - entropy / dims)
-        report(procs, f"true density: {entropy / dims:.4f} ± {stderr / dims:.4f} nats/dim (entropy), the best "
+        what = "H(X | class)" if config.conditional else "entropy"
+        report(procs, f"true density: {entropy / dims:.4f} ± {stderr / dims:.4f} nats/dim ({what}), the best "
                       f"a model can reach; KL gap {record['kl_gap_per_dim']:.4f} nats/dim")
     log.write(record)
     if not procs.is_main:
         return
-    plots.save_samples(model, run.samples, config.num_samples, config.temperature, config.seed, train.data)
+    classes = train.num_classes if config.conditional else None
+    plots.save_samples(model, run.samples, config.num_samples, config.temperature, config.seed, train.data,
+                       num_classes=classes, labels=train.labels)
     written = [run.samples]
-    if train.kind == "toy2d":
+    if train.kind == "toy2d" and classes:
+        plots.save_class_densities(model, run.density, train.data, classes, test.density.log_prob_given)
+        written.append(run.density)
+    elif train.kind == "toy2d":
         plots.save_density(model, run.density, train.data, test.density.log_prob)
         written.append(run.density)
     if run.metrics.exists():
@@ -271,10 +290,13 @@ def finish(config: Config, model: torch.nn.Module, train: Dataset, test: Dataset
 def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device: torch.device) -> int:
     """Everything after the flags: data, model, checks, then training (or evaluation only)."""
     train, test = load_data(config, procs)
+    train_context = context_of(config, train)  # raises here, before any file is written, for unlabelled data
     if config.epochs is not None:
         config.steps = math.ceil(config.epochs * (len(train) // (config.batch_size * procs.world_size)))
     seed_everything(config.seed)  # the same initialisation on every rank
-    model = models.build_model(config.model, config.preset, train.shape, num_levels=train.num_levels).to(device)
+    context_features = 0 if train_context is None else train_context.shape[1]
+    model = models.build_model(config.model, config.preset, train.shape, num_levels=train.num_levels,
+                               context_features=context_features).to(device)
     if payload is not None:
         training.check_compatible(payload, model, config.resume)
     run_dir = RunDir(Path(config.out))
@@ -296,13 +318,15 @@ def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device
             run_dir.metrics.unlink(missing_ok=True)
         log.truncate_after(state.step)
     report(procs, describe(config, model, train, test, device, procs))
-    loader = training.make_train_loader(train.data, config.batch_size, config.seed, procs, device.type == "cuda")
+    loader = training.make_train_loader(train.data, config.batch_size, config.seed, procs, device.type == "cuda",
+                                        train_context)
     batches = training.train_batches(loader, state.step, device, next(model.parameters()).dtype, train.num_levels)
     first = next(batches)
     net = training.prepare_model(model, first, procs, device, config.compile)
     settings = LoopSettings(config.steps, config.log_every, config.ckpt_every, config.eval_every, config.clip,
                             config.amp, config.nonfinite)
-    evaluator = partial(training.evaluate, model, test.data, test.num_levels, 4 * config.batch_size, procs, config.seed)
+    evaluator = partial(training.evaluate, model, test.data, test.num_levels, 4 * config.batch_size, procs, config.seed,
+                        context_of(config, test))
     outcome = training.fit(state, net, chain([first], batches), settings, procs, run_dir, evaluator)
     if outcome == "interrupted":
         report(procs, f"interrupted at step {state.step}: checkpoint written to {run_dir.checkpoint}; continue "

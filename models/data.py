@@ -39,7 +39,7 @@ from torch import Tensor
 from models.tabular import TABULAR
 from models.toy import TOY_DENSITIES, ToyDensity
 
-__all__ = ["Dataset", "DataRequest", "DATASETS", "load_dataset", "DEFAULT_DATA_DIR"]
+__all__ = ["Dataset", "DataRequest", "DATASETS", "load_dataset", "one_hot", "DEFAULT_DATA_DIR"]
 
 DEFAULT_DATA_DIR = Path("data")
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -74,9 +74,10 @@ class Dataset:
         name: the registry name.
         data: ``(N, *shape)`` float32 samples; integer levels ``0..K-1`` for discrete sets.
         kind: ``"image"`` (``(C, H, W)`` levels), ``"toy2d"`` or ``"vector"`` (tabular).
-        labels: ``(N,)`` int64 class labels, or ``None`` where the set has none.
+        labels: ``(N,)`` int64 class labels in ``0..num_classes-1``, or ``None`` where the set has none.
         num_levels: ``K`` for discrete data, ``None`` for continuous data.
         density: the true density of a toy set, else ``None``.
+        num_classes: how many classes ``labels`` name, ``None`` without labels.
     """
 
     name: str
@@ -85,6 +86,7 @@ class Dataset:
     labels: Tensor | None = None
     num_levels: int | None = None
     density: ToyDensity | None = None
+    num_classes: int | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -93,6 +95,20 @@ class Dataset:
 
     def __len__(self) -> int:
         return self.data.shape[0]
+
+    def class_context(self) -> Tensor:
+        """The labels one-hot, ``(N, num_classes)`` float32: the context of a class-conditional model."""
+        if self.labels is None or self.num_classes is None:
+            raise ValueError(
+                f"a class-conditional model expected a data set with class labels (the 2D toys, digits, mnist, "
+                f"cifar10), got {self.name!r}, which has none"
+            )
+        return one_hot(self.labels, self.num_classes)
+
+
+def one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """``(N,)`` int64 labels as ``(N, num_classes)`` float32 one-hot rows."""
+    return torch.nn.functional.one_hot(labels, num_classes).to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -180,8 +196,9 @@ def _toy_loader(name: str) -> Loader:
         # One stream per (seed, split), so train and test never share points.
         stream = 2 * request.seed + SPLITS.index(request.split)
         generator = torch.Generator().manual_seed(stream)
-        data = density.sample(n, generator).to(torch.float32)  # drawn in float64
-        return Dataset(name, data, "toy2d", density=density)
+        data, labels = density.sample_labelled(n, generator)  # drawn in float64
+        return Dataset(name, data.to(torch.float32), "toy2d", labels=labels, density=density,
+                       num_classes=density.num_classes)
 
     return load
 
@@ -198,7 +215,7 @@ def load_digits(request: DataRequest) -> Dataset:
         is_test[torch.from_numpy(archive["test_index"])] = True
     keep = is_test if request.split == "test" else ~is_test
     data, labels = _first(request, "digits", images[keep].unsqueeze(1).float(), labels[keep])
-    return Dataset("digits", data, "image", labels=labels, num_levels=17)
+    return Dataset("digits", data, "image", labels=labels.long(), num_levels=17, num_classes=10)
 
 
 # --- MNIST -------------------------------------------------------------------------
@@ -252,7 +269,7 @@ def load_mnist(request: DataRequest) -> Dataset:
             f"got {labels.shape[0]} in {directory / names[1]}"
         )
     data, labels = _first(request, "mnist", images[:, None].float(), labels)
-    return Dataset("mnist", data, "image", labels=labels, num_levels=256)
+    return Dataset("mnist", data, "image", labels=labels, num_levels=256, num_classes=10)
 
 
 # --- CIFAR-10 ----------------------------------------------------------------------
@@ -316,7 +333,7 @@ def load_cifar10(request: DataRequest) -> Dataset:
     images = torch.cat([images for images, _ in batches])
     labels = torch.cat([labels for _, labels in batches])
     data, labels = _first(request, "cifar10", images.float(), labels)
-    return Dataset("cifar10", data, "image", labels=labels, num_levels=256)
+    return Dataset("cifar10", data, "image", labels=labels, num_levels=256, num_classes=10)
 
 
 def _download_cifar10(data_dir: Path) -> None:

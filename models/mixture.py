@@ -25,7 +25,8 @@ class GaussianMixture(ToyDensity):
     The same seed gives the same density. ``log_prob`` is exact (a log-sum-exp over the
     components of Cholesky-based Gaussian log-densities, in float64); ``entropy`` is the
     Monte Carlo estimate of :class:`models.toy.ToyDensity` (100,000 fixed-seed samples),
-    returned with its standard error. Unlike the 2D toy densities, points are ``(N, D)``.
+    returned with its standard error. Unlike the 2D toy densities, points are ``(N, D)``
+    and the components (the classes of :meth:`sample_labelled`) are weighted unequally.
 
     Args:
         dim: ``D``.
@@ -46,7 +47,7 @@ class GaussianMixture(ToyDensity):
                 f"GaussianMixture expected dim >= 1, num_components >= 1 and spread >= 0, "
                 f"got {dim}, {num_components} and {spread}"
             )
-        self.dim, self.num_components = dim, num_components
+        self.dim, self.num_components, self.num_classes = dim, num_components, num_components
         g = torch.Generator().manual_seed(seed)
         f64 = torch.float64
         self.means = spread * torch.randn(num_components, dim, generator=g, dtype=f64)  # (K, D)
@@ -60,20 +61,26 @@ class GaussianMixture(ToyDensity):
         high = (self.means + 8 * std).amax(0)
         self.bounds = tuple((float(a), float(b)) for a, b in zip(low, high))  # 8 std per axis
 
-    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+    def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
         noise = torch.randn(n, self.dim, 1, generator=generator, dtype=torch.float64)
-        return self.means[k] + (self.scale_tril[k] @ noise).squeeze(-1)  # (n, D)
+        return self.means[k] + (self.scale_tril[k] @ noise).squeeze(-1), k  # (n, D), (n,)
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """The exact log-density at each of the ``(N, D)`` points, shape ``(N,)``."""
-        self._check_points(x)
+    def _component_log_probs(self, x: Tensor) -> Tensor:
+        """``log N(x; mu_k, Sigma_k)`` of every component, ``(K, N)``, in float64."""
         wide = x.to(torch.float64)
         diff = (wide[None] - self.means[:, None]).mT  # (K, D, N)
         white = torch.linalg.solve_triangular(self.scale_tril, diff, upper=False)  # L^-1 (x - mu)
         log_det = self.scale_tril.diagonal(dim1=1, dim2=2).log().sum(1)  # (K,) = log|L_k|
-        per_component = -0.5 * white.square().sum(1) - log_det[:, None] - 0.5 * self.dim * math.log(2 * math.pi)
-        return torch.logsumexp(per_component + self.log_weights[:, None], dim=0).to(x.dtype)
+        return -0.5 * white.square().sum(1) - log_det[:, None] - 0.5 * self.dim * math.log(2 * math.pi)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """The exact log-density at each of the ``(N, D)`` points, shape ``(N,)``."""
+        self._check_points(x)
+        return torch.logsumexp(self._component_log_probs(x) + self.log_weights[:, None], dim=0).to(x.dtype)
+
+    def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
+        return self._component_log_probs(x).gather(0, labels[None]).squeeze(0).to(x.dtype)
 
     def _check_points(self, x: Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.dim:

@@ -1,5 +1,6 @@
-"""Pictures of a run: a grid of samples, the learned density beside the true one (2D),
-and the loss curve. Drawn with matplotlib's Agg backend; no display needed."""
+"""Pictures of a run: a grid of samples, the learned density beside the true one (2D,
+per class for a class-conditional model), and the loss curve. Drawn with matplotlib's
+Agg backend; no display needed."""
 
 from __future__ import annotations
 
@@ -12,32 +13,45 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["save_samples", "save_density", "save_loss_curve"]
+__all__ = ["save_samples", "save_density", "save_class_densities", "save_loss_curve"]
 
 
-def _figure(ncols: int = 1, size: float = 4.0, share: bool = False):
-    """A matplotlib figure drawn by the Agg backend (no display, no pyplot state)."""
+def _figure(ncols: int = 1, size: float = 4.0, share: bool = False, nrows: int = 1):
+    """A matplotlib figure drawn by the Agg backend (no display, no pyplot state).
+
+    Returns the figure and its axes: a row ``(ncols,)`` for one row, else ``(nrows, ncols)``.
+    """
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(size * ncols, size), layout="constrained")
-    return figure, figure.subplots(1, ncols, squeeze=False, sharex=share, sharey=share)[0]
+    figure = Figure(figsize=(size * ncols, size * nrows), layout="constrained")
+    axes = figure.subplots(nrows, ncols, squeeze=False, sharex=share, sharey=share)
+    return figure, axes[0] if nrows == 1 else axes
+
+
+def _class_context(labels: Tensor, num_classes: int, like: Tensor) -> Tensor:
+    """One-hot rows of ``labels`` on ``like``'s device and dtype: a class-conditional model's context."""
+    return torch.nn.functional.one_hot(labels, num_classes).to(device=like.device, dtype=like.dtype)
 
 
 @torch.no_grad()
-def _samples(model: nn.Module, n: int, temperature: float, seed: int) -> Tensor:
-    """``n`` samples drawn without touching the global RNG stream."""
-    device = next(model.parameters()).device
+def _samples(model: nn.Module, n: int, temperature: float, seed: int, labels: Tensor | None = None,
+             num_classes: int | None = None) -> Tensor:
+    """``n`` samples drawn without touching the global RNG stream; sample ``i`` of class
+    ``labels[i]`` when the model is class-conditional."""
+    param = next(model.parameters())
+    context = None if labels is None else _class_context(labels, num_classes, param)
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        x = model.sample(n, temperature=temperature)
+        x = model.sample(n, context=context, temperature=temperature)
     model.train(was_training)
     return x.float().cpu()
 
 
-def _image_grid(x: Tensor, num_levels: int | None, pad: int = 1) -> Tensor:
-    """Images ``(N, C, H, W)`` tiled with ``pad`` grey pixels between them, in [0, 1].
+def _image_grid(x: Tensor, num_levels: int | None, pad: int = 1, cols: int | None = None) -> Tensor:
+    """Images ``(N, C, H, W)`` tiled with ``pad`` grey pixels between them, in [0, 1],
+    ``cols`` to a row (default: a square).
 
     Returns ``(rows * (H + pad), cols * (W + pad), C)``.
     """
@@ -46,7 +60,7 @@ def _image_grid(x: Tensor, num_levels: int | None, pad: int = 1) -> Tensor:
     else:
         x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
     n, c, h, w = x.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     x = torch.cat([x, torch.full((rows * cols - n, c, h, w), 0.5)])
     x = torch.nn.functional.pad(x, (0, pad, 0, pad), value=0.5)  # (N', C, H+pad, W+pad)
@@ -56,55 +70,109 @@ def _image_grid(x: Tensor, num_levels: int | None, pad: int = 1) -> Tensor:
 
 def save_samples(
     model: nn.Module, path: str | Path, n: int = 64, temperature: float = 1.0, seed: int = 0,
-    data: Tensor | None = None, points: int = 2000,
+    data: Tensor | None = None, points: int = 2000, num_classes: int | None = None,
+    labels: Tensor | None = None,
 ) -> None:
     """A PNG of samples: a grid of ``n`` images, or for vectors a scatter of ``points`` samples'
-    first two features beside as many of ``data``'s."""
-    x = _samples(model, n if len(model.in_shape) == 3 else points, temperature, seed)
+    first two features beside as many of ``data``'s.
+
+    With ``num_classes`` (a class-conditional model) the classes take turns: a row of
+    images per class, or points coloured by class beside ``data`` coloured by ``labels``.
+    """
+    images = len(model.in_shape) == 3
+    per_class, sample_labels = None, None
+    if images and num_classes:
+        per_class = math.ceil(n / num_classes)
+        sample_labels = torch.arange(num_classes).repeat_interleave(per_class)  # row k: class k
+    elif num_classes:
+        sample_labels = torch.arange(points) % num_classes
+    count = len(sample_labels) if sample_labels is not None else (n if images else points)
+    x = _samples(model, count, temperature, seed, sample_labels, num_classes)
+    title = f"samples, T = {temperature}" + (", a row per class" if per_class else "")
     if x.dim() == 4:
         figure, (ax,) = _figure()
-        grid = _image_grid(x, getattr(model, "num_levels", None))
+        grid = _image_grid(x, getattr(model, "num_levels", None), cols=per_class)
         ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=1,
                   interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(f"samples, T = {temperature}")
+        ax.set_title(title)
     else:
-        panels = [(f"samples, T = {temperature}", x)]
+        panels = [(title, x, sample_labels)]
         if data is not None:
-            panels.append(("data", data[:points].float().cpu()))
+            panels.append(("data", data[:points].float().cpu(), None if labels is None else labels[:points]))
         figure, axes = _figure(ncols=len(panels), share=True)
-        for ax, (title, values) in zip(axes, panels, strict=True):
-            ax.scatter(values[:, 0].numpy(), values[:, 1].numpy(), s=1, alpha=0.4)
-            ax.set_title(title)
+        for ax, (name, values, colours) in zip(axes, panels, strict=True):
+            colour = {} if colours is None or num_classes is None else dict(
+                c=colours.numpy(), cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1))
+            ax.scatter(values[:, 0].numpy(), values[:, 1].numpy(), s=1, alpha=0.4, **colour)
+            ax.set_title(name)
             ax.set_aspect("equal")
     figure.savefig(path, dpi=120)
 
 
-@torch.no_grad()
-def save_density(
-    model: nn.Module, path: str | Path, data: Tensor, true_log_prob: Callable[[Tensor], Tensor] | None = None,
-    resolution: int = 200,
-) -> None:
-    """A PNG of a 2D model's density on a grid around ``data``, beside the true density if given."""
+def _plane(data: Tensor, resolution: int) -> tuple[Tensor, tuple[float, float, float, float]]:
+    """A ``resolution``-squared grid of points ``(R*R, 2)`` around ``data`` and its extent."""
     low, high = data.float().quantile(0.001, dim=0), data.float().quantile(0.999, dim=0)
     margin = 0.1 * (high - low)
     low, high = (low - margin).tolist(), (high + margin).tolist()
     axes_x = torch.linspace(low[0], high[0], resolution)
     axes_y = torch.linspace(low[1], high[1], resolution)
     grid = torch.stack(torch.meshgrid(axes_x, axes_y, indexing="xy"), -1).reshape(-1, 2)  # (R*R, 2)
+    return grid, (low[0], high[0], low[1], high[1])
+
+
+@torch.no_grad()
+def _learned_log_prob(model: nn.Module, grid: Tensor, label: int | None = None,
+                      num_classes: int | None = None) -> Tensor:
+    """The model's ``log p(x)`` (or ``log p(x | label)``) on ``grid``, in eval mode, on the CPU."""
     param = next(model.parameters())
     was_training = model.training
     model.eval()
-    learned = torch.cat([model.log_prob(g.to(param.device, param.dtype)).cpu() for g in grid.split(4096)])
+    parts = []
+    for g in grid.split(4096):
+        context = None if label is None else _class_context(torch.full((len(g),), label), num_classes, param)
+        parts.append(model.log_prob(g.to(param.device, param.dtype), context).cpu())
     model.train(was_training)
-    panels = [("learned density", learned)]
+    return torch.cat(parts)
+
+
+def _draw_density(ax: Any, log_p: Tensor, extent: tuple[float, ...], resolution: int, title: str) -> None:
+    image = log_p.double().exp().reshape(resolution, resolution).numpy()
+    ax.imshow(image, origin="lower", extent=extent, cmap="viridis")
+    ax.set_title(title)
+
+
+def save_density(
+    model: nn.Module, path: str | Path, data: Tensor, true_log_prob: Callable[[Tensor], Tensor] | None = None,
+    resolution: int = 200,
+) -> None:
+    """A PNG of a 2D model's density on a grid around ``data``, beside the true density if given."""
+    grid, extent = _plane(data, resolution)
+    panels = [("learned density", _learned_log_prob(model, grid))]
     if true_log_prob is not None:
         panels.append(("true density", true_log_prob(grid.to(torch.float64)).cpu()))
     figure, axes = _figure(ncols=len(panels))
     for ax, (title, log_p) in zip(axes, panels, strict=True):
-        image = log_p.double().exp().reshape(resolution, resolution).numpy()
-        ax.imshow(image, origin="lower", extent=(low[0], high[0], low[1], high[1]), cmap="viridis")
-        ax.set_title(title)
+        _draw_density(ax, log_p, extent, resolution, title)
+    figure.savefig(path, dpi=120)
+
+
+def save_class_densities(
+    model: nn.Module, path: str | Path, data: Tensor, num_classes: int,
+    true_log_prob_given: Callable[[Tensor, Tensor], Tensor] | None = None, resolution: int = 120,
+) -> None:
+    """A PNG of a class-conditional 2D model: a column per class, its learned ``p(x | class)``
+    above the true one if given (the model's context is the one-hot class)."""
+    grid, extent = _plane(data, resolution)
+    rows = 1 if true_log_prob_given is None else 2
+    figure, axes = _figure(ncols=num_classes, size=2.5, nrows=rows)
+    axes = axes.reshape(rows, num_classes)
+    for k in range(num_classes):
+        _draw_density(axes[0, k], _learned_log_prob(model, grid, k, num_classes), extent, resolution,
+                      f"learned, class {k}")
+        if true_log_prob_given is not None:
+            truth = true_log_prob_given(grid.to(torch.float64), torch.full((len(grid),), k)).cpu()
+            _draw_density(axes[1, k], truth, extent, resolution, f"true, class {k}")
     figure.savefig(path, dpi=120)
 
 

@@ -197,13 +197,17 @@ def _check_columns(label: str, path: Path, values: np.ndarray, columns: int | No
         raise ValueError(f"{label}: expected an array of shape {expected} in {path}, got {values.shape}")
 
 
-def _dataset(name: str, values: np.ndarray | torch.Tensor, density: GaussianMixture | None = None) -> Dataset:
-    """A float32 ``Dataset`` of kind ``"vector"``."""
+def _dataset(
+    name: str, values: np.ndarray | torch.Tensor, density: GaussianMixture | None = None,
+    labels: torch.Tensor | None = None,
+) -> Dataset:
+    """A float32 ``Dataset`` of kind ``"vector"`` (labelled by ``density``'s classes, if given)."""
     # Imported here, not at the top: models.data imports this module for its registry.
     from models.data import Dataset
 
     points = torch.from_numpy(values.astype(np.float32)) if isinstance(values, np.ndarray) else values.float()
-    return Dataset(name, points, "vector", density=density)
+    classes = None if labels is None else density.num_classes
+    return Dataset(name, points, "vector", labels=labels, density=density, num_classes=classes)
 
 
 def _optional(module: str, purpose: str) -> ModuleType:
@@ -353,7 +357,8 @@ def load_mixture(request: DataRequest) -> Dataset:
     density = GaussianMixture(dim=10, num_components=5)
     n = request.num_samples or MIXTURE_SIZES[request.split]
     generator = torch.Generator().manual_seed(3 * request.seed + SPLITS.index(request.split))
-    return _dataset("mixture10d", density.sample(n, generator), density)
+    points, labels = density.sample_labelled(n, generator)  # labels: the component of each point
+    return _dataset("mixture10d", points, density, labels)
 
 
 TABULAR: dict[str, Callable[[DataRequest], Dataset]] = {

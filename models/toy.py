@@ -2,7 +2,10 @@
 
 Each density samples exactly, evaluates its normalised ``log_prob`` in vectorised torch,
 and knows its differential entropy ``H = E[-log p(X)]``: the floor of the test NLL in
-nats that a perfect model reaches. ``bounds`` is a box holding all of the mass but a
+nats that a perfect model reaches. Each is an equal mixture of ``num_classes`` parts
+(squares, Gaussians, rings, moons), and a sample's label names its part, so the same
+sets serve class-conditional density estimation: ``log_prob_given(x, labels)`` is the
+exact ``log p(x | class)`` and ``conditional_entropy()`` its floor ``H(X | class)``. ``bounds`` is a box holding all of the mass but a
 negligible tail (< 1e-12), for plots and for the normalisation tests.
 
 Samples are drawn on the CPU in float64 (so a seed gives the same points whatever the
@@ -30,22 +33,66 @@ _CHUNK_ELEMENTS = 1 << 22  # (points x components) per chunk of a mixture's log_
 class ToyDensity:
     """Base class: a 2D density with exact sampling, ``log_prob`` and entropy.
 
-    Subclasses implement ``_sample(n, generator)`` (float64) and ``log_prob``; those
-    without a closed-form entropy inherit the Monte Carlo :meth:`entropy`.
+    Subclasses set ``num_classes`` and implement ``_sample(n, generator)`` (float64
+    points and their int64 labels), ``log_prob`` and ``_log_prob_given``; those without
+    closed-form entropies inherit the Monte Carlo :meth:`entropy` and
+    :meth:`conditional_entropy`.
     """
 
     bounds: tuple[tuple[float, float], tuple[float, float]]
+    num_classes: int
     _entropy: tuple[float, float] | None = None
+    _conditional_entropy: tuple[float, float] | None = None
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Draws ``n`` independent points, shape ``(n, 2)``, in the default dtype."""
+        return self.sample_labelled(n, generator)[0]
+
+    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draws ``n`` points ``(n, 2)`` (default dtype) with the label of each one's class, ``(n,)`` int64.
+
+        The same draws as :meth:`sample` with the same generator: the labels come free.
+        """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{type(self).__name__}.sample: expected n >= 1, got {n!r}")
-        return self._sample(n, generator).to(torch.get_default_dtype())
+        points, labels = self._sample(n, generator)
+        return points.to(torch.get_default_dtype()), labels
 
     def log_prob(self, x: Tensor) -> Tensor:
         """The exact log-density at each of the ``(N, 2)`` points, shape ``(N,)``."""
         raise NotImplementedError
+
+    def log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
+        """The exact ``log p(x | class)`` of ``(N, 2)`` points given ``(N,)`` labels, shape ``(N,)``.
+
+        For the equal mixtures here ``log_prob(x) = logsumexp_k(log_prob_given(x, k)) - log num_classes``.
+        """
+        self._check_points(x)
+        if labels.shape != x.shape[:1] or labels.dtype != torch.int64:
+            raise ValueError(
+                f"{type(self).__name__}.log_prob_given: expected int64 labels of shape ({x.shape[0]},), got "
+                f"{labels.dtype} {tuple(labels.shape)}"
+            )
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(
+                f"{type(self).__name__}.log_prob_given: expected labels in 0..{self.num_classes - 1}, got "
+                f"{sorted(set(labels[(labels < 0) | (labels >= self.num_classes)].tolist()))[:5]}"
+            )
+        return self._log_prob_given(x, labels.to(x.device))
+
+    def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def conditional_entropy(self) -> tuple[float, float]:
+        """``H(X | class)`` in nats and its standard error: the floor of a class-conditional model's NLL.
+
+        Monte Carlo over ``ENTROPY_SAMPLES`` labelled points drawn with ``ENTROPY_SEED``. Cached.
+        """
+        if self._conditional_entropy is None:
+            generator = torch.Generator().manual_seed(ENTROPY_SEED)
+            points, labels = self._sample(ENTROPY_SAMPLES, generator)
+            self._conditional_entropy = nats_mean_and_stderr(-self._log_prob_given(points, labels))
+        return self._conditional_entropy
 
     def entropy(self) -> tuple[float, float]:
         """Differential entropy in nats and its standard error.
@@ -55,7 +102,7 @@ class ToyDensity:
         """
         if self._entropy is None:
             generator = torch.Generator().manual_seed(ENTROPY_SEED)
-            points = self._sample(ENTROPY_SAMPLES, generator)
+            points, _ = self._sample(ENTROPY_SAMPLES, generator)
             self._entropy = nats_mean_and_stderr(-self.log_prob(points))
         return self._entropy
 
@@ -95,6 +142,8 @@ class Checkerboard(ToyDensity):
 
     Square ``(i, j)`` is ``[-4 + 2i, -2 + 2i) x [-4 + 2j, -2 + 2j)`` and black when
     ``i + j`` is even; ``p = 1/32`` there and 0 elsewhere, so ``H = log 32`` exactly.
+    The class of black square ``(i, j)`` is ``2 i + j // 2``; given it, ``p = 1/4`` on
+    that square, so ``H(X | class) = log 4``.
 
     Example:
         >>> board = Checkerboard()
@@ -104,12 +153,23 @@ class Checkerboard(ToyDensity):
 
     bounds = ((-4.0, 4.0), (-4.0, 4.0))
     area = 32.0
+    num_classes = 8
 
-    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+    def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         i = torch.randint(0, 4, (n,), generator=generator, dtype=torch.float64)
-        j = 2.0 * torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) + i % 2
+        half = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64)
+        j = 2.0 * half + i % 2
         corner = torch.stack([i, j], dim=1) * 2.0 - 4.0
-        return corner + 2.0 * torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        points = corner + 2.0 * torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        return points, (2 * i + half).long()
+
+    def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
+        cell = torch.floor((x + 4.0) / 2.0)  # (N, 2) square indices
+        inside = ((cell >= 0) & (cell <= 3)).all(dim=1)
+        black = cell.sum(dim=1) % 2 == 0
+        mine = 2 * cell[:, 0] + torch.div(cell[:, 1], 2, rounding_mode="floor") == labels
+        full = torch.full_like(x[:, 0], -math.log(self.area / self.num_classes))
+        return torch.where(inside & black & mine, full, torch.full_like(full, -math.inf))
 
     def log_prob(self, x: Tensor) -> Tensor:
         self._check_points(x)
@@ -123,9 +183,15 @@ class Checkerboard(ToyDensity):
         """``log 32`` exactly, with standard error 0."""
         return math.log(self.area), 0.0
 
+    def conditional_entropy(self) -> tuple[float, float]:
+        """``log 4`` exactly, with standard error 0."""
+        return math.log(self.area / self.num_classes), 0.0
+
 
 class EightGaussians(ToyDensity):
     """Equal mixture of 8 isotropic Gaussians on a circle: ``c_k = r (cos, sin)(k pi/4)``.
+
+    Class ``k`` is Gaussian ``k``, so ``H(X | class) = 1 + log(2 pi std^2)`` exactly.
 
     Args:
         radius: radius of the circle of means.
@@ -145,10 +211,21 @@ class EightGaussians(ToyDensity):
         edge = radius + 8.0 * std  # 8 std: tail mass exp(-32) ~ 1e-14
         self.bounds = ((-edge, edge), (-edge, edge))
 
-    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+    num_classes = 8
+
+    def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         k = torch.randint(0, 8, (n,), generator=generator)
         noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        return self.centres[k] + self.std * noise
+        return self.centres[k] + self.std * noise, k
+
+    def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
+        var = self.std**2
+        sq = (x.to(torch.float64) - self.centres.to(x.device)[labels]).square().sum(dim=1)
+        return (-sq / (2.0 * var) - math.log(2.0 * math.pi * var)).to(x.dtype)
+
+    def conditional_entropy(self) -> tuple[float, float]:
+        """The entropy of one 2D Gaussian, ``1 + log(2 pi std^2)``, exactly."""
+        return 1.0 + math.log(2.0 * math.pi * self.std**2), 0.0
 
     def log_prob(self, x: Tensor) -> Tensor:
         self._check_points(x)
@@ -164,6 +241,7 @@ class Rings(ToyDensity):
     function): ``p_k(x) = exp(-(r^2 + R^2) / (2 std^2)) I0(r R / std^2) / (2 pi std^2)``
     with ``r = |x|``, evaluated stably as ``exp(-(r - R)^2 / (2 std^2)) i0e(r R / std^2)``.
     It is a proper density because it is a probability measure convolved with a Gaussian.
+    Class ``k`` is ring ``k``.
 
     Args:
         radii: radius of each ring.
@@ -179,23 +257,30 @@ class Rings(ToyDensity):
             raise ValueError(f"Rings: expected positive radii and std > 0, got {radii}, {std}")
         self.radii = torch.tensor(radii, dtype=torch.float64)
         self.std = std
+        self.num_classes = len(radii)
         edge = max(radii) + 8.0 * std  # 8 std: tail mass exp(-32) ~ 1e-14
         self.bounds = ((-edge, edge), (-edge, edge))
 
-    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+    def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         k = torch.randint(0, len(self.radii), (n,), generator=generator)
         angle = 2.0 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
         circle = self.radii[k, None] * torch.stack([angle.cos(), angle.sin()], dim=1)
-        return circle + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return circle + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64), k
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        self._check_points(x)
+    def _log_rings(self, x: Tensor) -> Tensor:
+        """``log p_k(x)`` of every ring, ``(N, K)``, in float64."""
         r = x.to(torch.float64).norm(dim=1, keepdim=True)  # (N, 1)
         radii = self.radii.to(r.device)
         var = self.std**2
-        log_rings = -(r - radii).pow(2) / (2 * var) + torch.special.i0e(r * radii / var).log()
-        log_norm = -math.log(2.0 * math.pi * var) - math.log(len(radii))
-        return (torch.logsumexp(log_rings, dim=1) + log_norm).to(x.dtype)
+        log_unnormalised = -(r - radii).pow(2) / (2 * var) + torch.special.i0e(r * radii / var).log()
+        return log_unnormalised - math.log(2.0 * math.pi * var)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        self._check_points(x)
+        return (torch.logsumexp(self._log_rings(x), dim=1) - math.log(len(self.radii))).to(x.dtype)
+
+    def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
+        return self._log_rings(x).gather(1, labels[:, None]).squeeze(1).to(x.dtype)
 
 
 class TwoMoons(ToyDensity):
@@ -209,7 +294,7 @@ class TwoMoons(ToyDensity):
     each, i.e. a Gaussian mixture whose weights sum to 1, so the quadrature density
     is normalised whatever its accuracy. With the defaults each panel spans
     about one noise width of ``t`` and ``log_prob`` agrees with a 4x finer rule to
-    ~1e-10 within ``bounds`` (tested).
+    ~1e-10 within ``bounds`` (tested). Class ``m`` is moon ``m``.
 
     Args:
         std: standard deviation of the noise.
@@ -236,15 +321,24 @@ class TwoMoons(ToyDensity):
             return torch.stack([t.cos(), t.sin()], dim=1)
         return torch.stack([1.0 - t.cos(), 0.5 - t.sin()], dim=1)
 
-    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+    num_classes = 2
+
+    def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         moon = torch.randint(0, 2, (n, 1), generator=generator)
         t = math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
         centre = torch.where(moon == 0, self._curve(t, 0), self._curve(t, 1))
-        return centre + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return centre + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64), moon[:, 0]
 
     def log_prob(self, x: Tensor) -> Tensor:
         self._check_points(x)
         return _mixture_log_prob(x, self.centres, self.log_weights, self.std)
+
+    def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
+        nodes = self.centres.shape[0] // 2  # the first half of the centres are moon 0's
+        log_weights = self.log_weights[:nodes] + math.log(2.0)  # each moon's weights sum to 1
+        per_moon = [_mixture_log_prob(x, self.centres[m * nodes : (m + 1) * nodes], log_weights, self.std)
+                    for m in range(2)]
+        return torch.where(labels == 0, per_moon[0], per_moon[1])
 
 
 def _composite_gauss_legendre(

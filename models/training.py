@@ -48,7 +48,7 @@ from models.metrics import bits_per_dim, dequantize
 
 __all__ = [
     "Processes", "setup_processes", "teardown_processes", "resolve_device",
-    "check_finite", "EpochBatches", "make_train_loader", "train_batches",
+    "check_finite", "Batch", "EpochBatches", "make_train_loader", "train_batches",
     "build_optimizer", "build_scheduler", "lr_factor", "make_scaler", "autocast",
     "LogProbParts", "needs_data_init", "prepare_model", "StepOutput", "train_step", "apply_update",
     "NonFiniteWatch", "StopSignals", "LoopSettings", "TrainState", "RunDir", "fit",
@@ -147,17 +147,23 @@ def check_finite(data: Tensor, what: str) -> None:
         raise ValueError(f"{what} expected finite values, got NaN or inf in rows {rows} (first 5 shown)")
 
 
-class _Rows(Dataset):
-    """A tensor's rows, indexed a whole batch at a time, so a loader yields one tensor per batch."""
+Batch = tuple[Tensor, Tensor | None]  # (x, context): a batch of data and its context rows, or None
 
-    def __init__(self, data: Tensor) -> None:
-        self.data = data
+
+class _Rows(Dataset):
+    """A tensor's rows and their context rows, indexed a whole batch at a time, so a loader
+    yields one :data:`Batch` per index list."""
+
+    def __init__(self, data: Tensor, context: Tensor | None = None) -> None:
+        if context is not None and len(context) != len(data):
+            raise ValueError(f"context expected one row per sample ({len(data)}), got {len(context)} rows")
+        self.data, self.context = data, context
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, index: list[int]) -> Tensor:
-        return self.data[index]
+    def __getitem__(self, index: list[int]) -> Batch:
+        return self.data[index], None if self.context is None else self.context[index]
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -193,27 +199,32 @@ class EpochBatches(Sampler[list[int]]):
 
 
 def make_train_loader(
-    data: Tensor, batch_size: int, seed: int, procs: Processes, pin_memory: bool = False
+    data: Tensor, batch_size: int, seed: int, procs: Processes, pin_memory: bool = False,
+    context: Tensor | None = None,
 ) -> DataLoader:
-    """A loader of shuffled training batches for this process's shard of ``data``."""
+    """A loader of shuffled training batches ``(x, context)`` for this process's shard of ``data``
+    (``context``: one row per sample, e.g. one-hot labels, or ``None``)."""
     sampler = EpochBatches(len(data), batch_size, seed, procs)
     # Its own generator: otherwise each new iterator draws a seed from the global RNG,
     # which would make a resumed run's noise differ from an uninterrupted one's.
-    return DataLoader(_Rows(data), sampler=sampler, batch_size=None, pin_memory=pin_memory,
+    return DataLoader(_Rows(data, context), sampler=sampler, batch_size=None, pin_memory=pin_memory,
                       generator=torch.Generator())
 
 
 def train_batches(
     loader: DataLoader, start_step: int, device: torch.device, dtype: torch.dtype, num_levels: int | None
-) -> Iterator[Tensor]:
-    """Endless batches from step ``start_step`` on, on ``device`` in ``dtype``, dequantised for image data."""
+) -> Iterator[Batch]:
+    """Endless batches ``(x, context)`` from step ``start_step`` on, on ``device`` in ``dtype``,
+    ``x`` dequantised for image data."""
     sampler: EpochBatches = loader.sampler
     epoch, start = divmod(start_step, len(sampler))
     while True:
         sampler.set_epoch(epoch, start)
-        for x in loader:
+        for x, context in loader:
             x = x.to(device=device, dtype=dtype, non_blocking=True)
-            yield x if num_levels is None else _dequantize_levels(x, num_levels)
+            if context is not None:
+                context = context.to(device=device, dtype=dtype, non_blocking=True)
+            yield (x if num_levels is None else _dequantize_levels(x, num_levels)), context
         epoch, start = epoch + 1, 0
 
 
@@ -283,7 +294,7 @@ def needs_data_init(model: nn.Module) -> bool:
 
 
 def prepare_model(
-    model: nn.Module, first_batch: Tensor, procs: Processes, device: torch.device, compile: bool = False
+    model: nn.Module, first_batch: Batch, procs: Processes, device: torch.device, compile: bool = False
 ) -> nn.Module:
     """Runs the data-dependent initialisation on ``first_batch``, then wraps the model for training.
 
@@ -294,7 +305,7 @@ def prepare_model(
     model.train()
     if needs_data_init(model):
         with torch.no_grad():
-            model.log_prob_parts(first_batch)
+            model.log_prob_parts(*first_batch)
     net: nn.Module = LogProbParts(model)
     if procs.distributed:
         # Buffers (ActNorm's flag, fixed permutations) agree on all ranks: synced once at
@@ -329,8 +340,10 @@ def train_step(
     scaler: torch.amp.GradScaler,
     amp: str = "none",
     clip: float = 0.0,
+    context: Tensor | None = None,
 ) -> StepOutput:
-    """Forward and backward of one batch; the gradients are left for :func:`apply_update`.
+    """Forward and backward of one batch (with its ``context``, if the model takes one); the
+    gradients are left for :func:`apply_update`.
 
     The loss is ``-(log p_base(z) + logdet)`` per dimension, averaged over the batch, with
     both terms summed in float32 (or the model's wider dtype) whatever the autocast dtype.
@@ -339,7 +352,7 @@ def train_step(
     """
     optimizer.zero_grad(set_to_none=True)
     with autocast(amp, x.device):
-        log_p, logdet = net(x)
+        log_p, logdet = net(x, context)
     wide = torch.promote_types(log_p.dtype, torch.float32)
     dims = x[0].numel()
     log_p, logdet = log_p.to(wide).mean() / dims, logdet.to(wide).mean() / dims
@@ -512,7 +525,7 @@ class _Loop:
 def fit(
     state: TrainState,
     net: nn.Module,
-    batches: Iterator[Tensor],
+    batches: Iterator[Batch],
     settings: LoopSettings,
     procs: Processes,
     run: RunDir,
@@ -538,9 +551,9 @@ def fit(
                  NonFiniteWatch(device), evaluator, bar, clock_step=state.step)
     with StopSignals() as stop, bar:
         while state.step < settings.steps:
-            x = next(batches)
+            x, context = next(batches)
             loop.batch_size = len(x) * procs.world_size
-            _one_step(loop, net, x)
+            _one_step(loop, net, x, context)
             bar.update(1)
             sync = state.step % settings.log_every == 0 or state.step == settings.steps
             if sync:
@@ -559,10 +572,10 @@ def fit(
     return "done"
 
 
-def _one_step(loop: _Loop, net: nn.Module, x: Tensor) -> None:
+def _one_step(loop: _Loop, net: nn.Module, x: Tensor, context: Tensor | None) -> None:
     """One step: gradients, the non-finite watch, the update (or a skip), the schedule."""
     state, settings = loop.state, loop.settings
-    out = train_step(net, x, state.optimizer, state.scaler, settings.amp, settings.clip)
+    out = train_step(net, x, state.optimizer, state.scaler, settings.amp, settings.clip, context)
     skip_mode = settings.nonfinite == "skip"
     loop.watch.observe(state.step, x, out, loss=not skip_mode)
     if skip_mode and not _finite_on_all_ranks(loop, x, out):
@@ -669,8 +682,10 @@ def evaluate(
     batch_size: int,
     procs: Processes = Processes(),
     seed: int = 0,
+    context: Tensor | None = None,
 ) -> EvalResult:
-    """Test NLL of ``data`` in eval mode, without gradients, sharded over the processes.
+    """Test NLL of ``data`` (given ``context``, one row per sample, if not ``None``) in eval
+    mode, without gradients, sharded over the processes.
 
     Image data are dequantised with noise from a generator seeded by ``seed`` (and the
     rank), so the number is reproducible and the global RNG is untouched.
@@ -680,11 +695,15 @@ def evaluate(
     model.eval()
     generator = torch.Generator(param.device).manual_seed(seed * 1_000_003 + procs.rank)
     sums = torch.zeros(3, dtype=torch.float64, device=param.device)  # count, sum, sum of squares
-    for chunk in data[procs.rank :: procs.world_size].split(batch_size):
+    shard = slice(procs.rank, None, procs.world_size)
+    contexts = [None] * len(data) if context is None else context[shard].split(batch_size)
+    for chunk, ctx in zip(data[shard].split(batch_size), contexts):
         x = chunk.to(device=param.device, dtype=param.dtype)
         if num_levels is not None:
             x = _dequantize_levels(x, num_levels, generator)
-        nll = -model.log_prob(x).double()  # nats per sample
+        if ctx is not None:
+            ctx = ctx.to(device=param.device, dtype=param.dtype)
+        nll = -model.log_prob(x, ctx).double()  # nats per sample
         sums += torch.stack([torch.ones_like(nll).sum(), nll.sum(), nll.pow(2).sum()])
     model.train(was_training)
     count, total, squares = _all_reduce(sums, procs).tolist()

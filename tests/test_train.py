@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 
+import models.data
 import train
 from models import training
 
@@ -92,6 +94,34 @@ def test_eval_only_evaluates_a_checkpoint_without_training(tmp_path: Path, capsy
 def test_a_2d_toy_run_draws_the_learned_and_true_densities(tmp_path: Path) -> None:
     assert run(tmp_path, "--model", "realnvp", "--preset", "toy2d", "--steps", "2", "--batch-size", "32") == 0
     assert (tmp_path / "density.png").stat().st_size > 1000
+
+
+def test_a_conditional_toy_run_draws_each_class_and_reports_the_conditional_gap(tmp_path: Path, capsys) -> None:
+    assert run(tmp_path, "--model", "nsf", "--preset", "toy2d", "--dataset", "two_moons", "--conditional",
+               "--steps", "2", "--batch-size", "32") == 0
+    assert (tmp_path / "density.png").stat().st_size > 1000
+    payload = training.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert payload["model_config"]["context_features"] == 2 and payload["config"]["conditional"] is True
+    final = training.read_metrics(tmp_path / "metrics.jsonl")[-1]
+    floor = models.data.load_dataset("two_moons").density.conditional_entropy()[0] / 2
+    assert final["split"] == "test" and final["entropy_per_dim"] == pytest.approx(floor, rel=1e-12)
+    assert "(H(X | class))" in capsys.readouterr().out
+
+
+def test_a_conditional_digits_run_resumes_with_its_context(tmp_path: Path) -> None:
+    assert run(tmp_path, "--conditional", "--model", "glow", "--steps", "2", "--batch-size", "32") == 0
+    assert train.main([*FAST, "--resume", str(tmp_path / "checkpoint.pt"), "--steps", "3"]) == 0
+    payload = training.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert payload["step"] == 3 and payload["model_config"]["context_features"] == 10
+
+
+def test_conditional_on_a_set_without_labels_fails_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "data" / "power").mkdir(parents=True)
+    numpy.save(tmp_path / "data" / "power" / "data.npy", numpy.random.default_rng(0).normal(size=(400, 8)))
+    with pytest.raises(ValueError, match=r"a class-conditional model expected a data set with class labels .*'power'"):
+        run(tmp_path / "run", "--model", "maf", "--preset", "small", "--dataset", "power", "--conditional",
+            "--data-dir", str(tmp_path / "data"))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ import torch
 
 from models import data
 from models.data import DATASETS, load_dataset, read_cifar_batch, read_idx
+from models.mixture import GaussianMixture
 from models.toy import TOY_DENSITIES, Checkerboard, EightGaussians, Rings, TwoMoons
 
 # --- toy 2D densities --------------------------------------------------------------
@@ -122,6 +123,80 @@ def test_toy_sample_shape_dtype_and_seed(name):
     assert density.log_prob(a).shape == (5,)
 
 
+@pytest.mark.parametrize("name", list(TOY_DENSITIES))
+def test_toy_class_densities_integrate_to_one_and_mix_to_the_density(name, grids):
+    density, points, area, _, p = grids[name]
+    per_class = torch.stack([density.log_prob_given(points, torch.full((len(points),), k))
+                             for k in range(density.num_classes)])  # (K, N)
+    # Each class density is normalised (same midpoint-rule error as the whole density) ...
+    masses = per_class.exp().sum(1) * area
+    torch.testing.assert_close(masses, torch.ones_like(masses), rtol=0.0, atol=1e-12)
+    # ... and the equal mixture of them is the density itself.
+    mixture = torch.logsumexp(per_class, 0) - math.log(density.num_classes)
+    finite = p > 0
+    torch.testing.assert_close(mixture[finite].exp(), p[finite], rtol=1e-12, atol=0.0)
+    assert bool(torch.isinf(mixture[~finite]).all())
+
+
+@pytest.mark.parametrize("name", list(TOY_DENSITIES))
+def test_toy_labels_name_the_class_each_point_came_from(name):
+    density = TOY_DENSITIES[name]()
+    x, labels = density.sample_labelled(5000, torch.Generator().manual_seed(4))
+    assert torch.equal(x, density.sample(5000, torch.Generator().manual_seed(4)))  # the same draws
+    assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(density.num_classes))
+    own = density.log_prob_given(x, labels)
+    assert bool(torch.isfinite(own).all())
+    # The true class explains a point better than any other class, for all but the few
+    # points of a class that fall where another's density is higher (overlaps).
+    others = torch.stack([density.log_prob_given(x, torch.full_like(labels, k)) for k in range(density.num_classes)])
+    assert float((others.argmax(0) == labels).double().mean()) > 0.97
+
+
+@pytest.mark.parametrize("name", list(TOY_DENSITIES))
+def test_toy_conditional_entropy_matches_fresh_samples(name, grids):
+    density, points, area, _, _ = grids[name]
+    value, stderr = density.conditional_entropy()
+    x, labels = density.sample_labelled(20_000, torch.Generator().manual_seed(5))
+    nll = -density.log_prob_given(x, labels)
+    fresh, fresh_stderr = float(nll.mean()), float(nll.std()) / math.sqrt(nll.numel())
+    assert abs(fresh - value) < 5 * math.hypot(stderr, fresh_stderr) + 1e-12
+    # H(X | class) <= H(X) <= H(X | class) + log K, with equality on the right for disjoint classes.
+    entropy = density.entropy()[0]
+    assert value - 1e-2 < entropy < value + math.log(density.num_classes) + 1e-2
+
+
+def test_mixture_classes_are_its_weighted_components():
+    mixture = GaussianMixture(dim=3, num_components=4)
+    x, labels = mixture.sample_labelled(200, torch.Generator().manual_seed(0))
+    per_class = torch.stack([mixture.log_prob_given(x, torch.full_like(labels, k)) for k in range(4)])
+    torch.testing.assert_close(torch.logsumexp(per_class + mixture.log_weights[:, None], 0), mixture.log_prob(x))
+    value, stderr = mixture.conditional_entropy()
+    assert value < mixture.entropy()[0] and stderr > 0
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.zeros(3, dtype=torch.float64), r"Rings.log_prob_given: expected int64 labels of shape \(3,\), got torch.float64 \(3,\)"),
+        (torch.zeros(2, dtype=torch.int64), r"expected int64 labels of shape \(3,\), got torch.int64 \(2,\)"),
+        (torch.tensor([0, 4, -1]), r"Rings.log_prob_given: expected labels in 0..3, got \[-1, 4\]"),
+    ],
+)
+def test_log_prob_given_rejects_bad_labels(labels, message):
+    with pytest.raises(ValueError, match=message):
+        Rings().log_prob_given(torch.zeros(3, 2), labels)
+
+
+def test_class_context_is_one_hot_and_needs_labels():
+    digits = load_dataset("digits", split="test")
+    context = digits.class_context()
+    assert context.shape == (300, 10) and context.dtype == torch.float32
+    assert torch.equal(context.argmax(1), digits.labels) and torch.equal(context.sum(1), torch.ones(300))
+    unlabelled = data.Dataset("vectors", torch.zeros(4, 3), "vector")
+    with pytest.raises(ValueError, match=r"a class-conditional model expected a data set with class labels .*got 'vectors'"):
+        unlabelled.class_context()
+
+
 def test_checkerboard_values():
     points = torch.tensor([[-3.0, -3.0], [-1.0, -3.0], [1.5, 0.5], [0.5, 1.5], [4.0, 0.0], [-5.0, -3.0]])
     expected = [-math.log(32), -math.inf, -math.log(32), -math.log(32), -math.inf, -math.inf]
@@ -182,7 +257,8 @@ def test_toy_sets_are_fixed_samples():
     test = load_dataset("checkerboard", split="test")
     assert (len(train), len(test)) == (50_000, 10_000)
     assert train.kind == "toy2d" and train.shape == (2,) and train.data.dtype == torch.float32
-    assert train.num_levels is None and train.labels is None
+    assert train.num_levels is None and train.num_classes == 8
+    assert train.labels.shape == (50_000,) and set(train.labels.tolist()) == set(range(8))
     assert isinstance(train.density, Checkerboard)
     assert torch.equal(load_dataset("checkerboard").data, train.data)  # the same every time
     assert not torch.equal(test.data, train.data[:10_000])

@@ -25,19 +25,21 @@ class StandIn(flows.FlowDistribution):
 
     name = "standin"
 
-    def __init__(self, in_shape: tuple[int, ...] = (4,), num_levels: int | None = None, hidden: int = 8) -> None:
+    def __init__(self, in_shape: tuple[int, ...] = (4,), num_levels: int | None = None, hidden: int = 8,
+                 context_features: int = 0) -> None:
         if len(in_shape) == 3:
             c = in_shape[0]
             net = partial(GlowConvNet, hidden_features=hidden)
             layers = [flows.ScalarAffine(1 / num_levels, -0.5), flows.ActNorm(c), flows.Squeeze(),
-                      flows.AffineCoupling(4 * c, net), flows.Inverse(flows.Squeeze())]
+                      flows.AffineCoupling(4 * c, net, context_features=context_features), flows.Inverse(flows.Squeeze())]
         else:
-            net = partial(MLP, hidden_features=hidden)
-            layers = [flows.ActNorm(in_shape[0]), flows.AffineCoupling(in_shape[0], net), flows.Reverse(),
-                      flows.AffineCoupling(in_shape[0], net)]
+            d, net = in_shape[0], partial(MLP, hidden_features=hidden)
+            layers = [flows.ActNorm(d), flows.AffineCoupling(d, net, context_features=context_features), flows.Reverse(),
+                      flows.AffineCoupling(d, net, context_features=context_features)]
         super().__init__(flows.Sequential(*layers), flows.StandardNormal(in_shape))
         self.in_shape, self.num_levels = tuple(in_shape), num_levels
-        self.config = dict(in_shape=tuple(in_shape), num_levels=num_levels, hidden=hidden)
+        self.config = dict(in_shape=tuple(in_shape), num_levels=num_levels, hidden=hidden,
+                           context_features=context_features)
 
 
 class NaNAt(StandIn):
@@ -61,7 +63,7 @@ def vector_data(n: int = 64) -> torch.Tensor:
 
 
 def start(model, data, steps, run_dir, procs=Processes(), num_levels=None, start_from=None, evaluator=None,
-          **settings):
+          context=None, **settings):
     """Builds the state and runs fit; with ``start_from`` a checkpoint path, resumes from it."""
     state = TrainState(
         model, training.build_optimizer(model, 1e-2), None, training.make_scaler("none", torch.device("cpu")), {}
@@ -69,7 +71,7 @@ def start(model, data, steps, run_dir, procs=Processes(), num_levels=None, start
     state.scheduler = training.build_scheduler(state.optimizer, warmup=3, total=steps)
     if start_from is not None:
         training.restore(state, training.load_checkpoint(start_from), procs)
-    loader = training.make_train_loader(data, 16, seed=0, procs=procs)
+    loader = training.make_train_loader(data, 16, seed=0, procs=procs, context=context)
     batches = training.train_batches(loader, state.step, torch.device("cpu"), torch.get_default_dtype(), num_levels)
     first = next(batches)
     net = training.prepare_model(model, first, procs, torch.device("cpu"))
@@ -209,6 +211,41 @@ def test_evaluate_reports_mean_and_standard_error() -> None:
     assert result.bits_per_dim_stderr == pytest.approx(stderr / 4 / math.log(2), rel=1e-9)
 
 
+def test_batches_carry_the_context_rows_of_their_samples() -> None:
+    data = vector_data(64)
+    context = torch.nn.functional.one_hot(torch.arange(64) % 3, 3).double() * data[:, :1]  # row-specific
+    loader = training.make_train_loader(data, 16, seed=0, procs=Processes(), context=context)
+    batches = training.train_batches(loader, 0, torch.device("cpu"), torch.float64, None)
+    seen = 0
+    for _ in range(6):  # past the end of the first epoch
+        x, ctx = next(batches)
+        rows = [int(torch.nonzero((data == row).all(1))[0]) for row in x]
+        assert torch.equal(ctx, context[rows])
+        seen += len(x)
+    assert seen == 96
+    assert next(training.train_batches(training.make_train_loader(data, 16, 0, Processes()), 0,
+                                       torch.device("cpu"), torch.float64, None))[1] is None
+    with pytest.raises(ValueError, match=r"context expected one row per sample \(64\), got 10 rows"):
+        training.make_train_loader(data, 16, 0, Processes(), context=context[:10])
+
+
+def test_a_conditional_model_trains_and_evaluates_given_its_context(tmp_path: Path) -> None:
+    labels = torch.arange(64) % 2
+    data = vector_data(64) + 4.0 * labels[:, None]  # the class shifts the data
+    context = torch.nn.functional.one_hot(labels, 2).double()
+    model = StandIn(context_features=2)
+    state, outcome = start(model, data, 6, tmp_path, context=context)
+    assert outcome == "done" and state.step == 6
+    model.eval()
+    result = training.evaluate(model, data, None, batch_size=16, context=context)
+    mean, _ = nats_mean_and_stderr(-model.log_prob(data, context).detach())
+    assert result.nats_per_dim == pytest.approx(mean / 4, rel=1e-12)
+    swapped = training.evaluate(model, data, None, batch_size=16, context=context.flip(1))
+    assert swapped.nats_per_dim != result.nats_per_dim  # the context is used, not ignored
+    with pytest.raises(ValueError, match=r"AffineCoupling was built with context_features=2 but got context=None"):
+        training.evaluate(model, data, None, batch_size=16)
+
+
 def test_amp_bf16_step_keeps_a_float32_loss() -> None:
     model = StandIn().float()
     x = vector_data(16).float()
@@ -226,9 +263,16 @@ def test_pictures(tmp_path: Path) -> None:
     plots.save_samples(model, tmp_path / "s.png", n=50, data=data)
     plots.save_density(model, tmp_path / "d.png", data, lambda g: -0.5 * g.pow(2).sum(1), resolution=20)
     plots.save_samples(StandIn((1, 4, 4), 17), tmp_path / "i.png", n=10)
+    conditional = StandIn((2,), context_features=3)
+    labels = torch.arange(100) % 3
+    plots.save_samples(conditional, tmp_path / "cs.png", data=data, num_classes=3, labels=labels, points=90)
+    plots.save_class_densities(conditional, tmp_path / "cd.png", data, 3,
+                               lambda g, k: -0.5 * (g - k[:, None]).pow(2).sum(1), resolution=20)
+    plots.save_samples(StandIn((1, 4, 4), 17, context_features=10), tmp_path / "ci.png", n=25, num_classes=10)
     records = [{"split": "train", "step": 1, "bits_per_dim": 2.0}, {"split": "test", "step": 1, "bits_per_dim": 2.1}]
     plots.save_loss_curve(records, tmp_path / "l.png")
-    assert all((tmp_path / f).stat().st_size > 1000 for f in ("s.png", "d.png", "i.png", "l.png"))
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("s.png", "d.png", "i.png", "l.png", "cs.png", "cd.png",
+                                                              "ci.png"))
 
 
 def _free_port() -> int:
