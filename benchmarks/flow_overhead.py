@@ -6,7 +6,10 @@ the shapes they see inside the flow, with the same loss-backward-step. The ratio
 what the flow itself (ActNorm, 1x1 convolutions, squeezes, splits, log-dets, the
 preprocessing and the base density) costs on top. Target: at most 1.15 on CPU.
 
-    python benchmarks/flow_overhead.py
+Both run with the host-memory setting train.py uses (``models.allocator``), unless
+``--glibc-defaults`` is given.
+
+    python benchmarks/flow_overhead.py [--glibc-defaults]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import flows  # noqa: E402
 from benchmarks.timing import machine, median_seconds  # noqa: E402
 from models import Glow  # noqa: E402
+from models.allocator import reuse_freed_memory  # noqa: E402
 
 ROUNDS = 15
 
@@ -45,6 +49,9 @@ def input_shapes(model: nn.Module, nets: list[nn.Module], x: torch.Tensor) -> li
 
 
 def main() -> None:
+    allocator = "glibc defaults"
+    if "--glibc-defaults" not in sys.argv[1:] and reuse_freed_memory():
+        allocator = "freed memory reused (models.allocator, as train.py)"
     torch.manual_seed(0)
     model = Glow((3, 32, 32), num_levels=256, num_scales=3, num_steps=8, hidden_features=128)
     x = torch.rand(32, 3, 32, 32) * 256
@@ -77,7 +84,8 @@ def main() -> None:
     ratios = sorted(f / n for f, n in zip(flow_times, net_times))
     quartiles = statistics.quantiles(ratios, n=4)
     print(f"machine: {machine()}")
-    print(f"Glow 3x32x32, 3 levels x 8 steps, hidden 128, batch 32, {len(nets)} subnetworks, {ROUNDS} rounds")
+    print(f"Glow 3x32x32, 3 levels x 8 steps, hidden 128, batch 32, {len(nets)} subnetworks, {ROUNDS} rounds; "
+          f"host memory: {allocator}")
     print(f"training step: flow {statistics.median(flow_times) * 1e3:.0f} ms, subnetworks alone "
           f"{statistics.median(net_times) * 1e3:.0f} ms, ratio {statistics.median(ratios):.3f} "
           f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}; target <= 1.15)")

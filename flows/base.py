@@ -8,6 +8,7 @@ of the map that method computes, so ``forward`` then ``inverse`` sums to zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -24,6 +25,14 @@ def zero_logdet(x: Tensor) -> Tensor:
     """A ``(batch,)`` tensor of zeros in float32 or wider, on ``x``'s device."""
     dtype = torch.promote_types(x.dtype, torch.float32)
     return torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+
+
+def spatial_size(x: Tensor) -> int:
+    """Positions that share one channel's parameters: ``H*W`` for ``(B, C, H, W)``, 1 for ``(B, D)``.
+
+    From the shape alone (indexing ``x`` to count would dispatch a tensor op per call).
+    """
+    return math.prod(x.shape[2:])
 
 
 def accumulate(total: Tensor, logdet: Tensor) -> Tensor:

@@ -246,7 +246,10 @@ class AffineCoupling(Coupling):
         self.clamp = clamp
 
     def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift, h = params.unbind(-1)  # one stack in backward, not two zero-filled selects
+        # Unbound on the dim where the conditioner laid them out (``_params`` moved it last as
+        # a view), so backward stacks the two gradients straight into the conditioner's
+        # layout: one stack, no zero-filled selects, no copy to make it contiguous again.
+        shift, h = params.movedim(-1, 2).unbind(2)
         if self.scale == "sigmoid":
             return shift, F.logsigmoid(h + 2.0)
         return shift, self.clamp * torch.tanh(h / self.clamp)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows._checks import check_input
-from flows.base import Flow, zero_logdet
+from flows.base import Flow, spatial_size, zero_logdet
 
 __all__ = ["InvConv1x1", "Permutation", "Reverse"]
 
@@ -143,7 +143,7 @@ class InvConv1x1(Flow):
 
     @staticmethod
     def _logdet(log_abs_det: Tensor, x: Tensor) -> Tensor:
-        total = log_abs_det * x[0, 0].numel()
+        total = log_abs_det * spatial_size(x)
         return total.to(torch.promote_types(total.dtype, torch.float32)).expand(x.shape[0])
 
 

@@ -7,14 +7,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from flows._checks import check_input
-from flows.base import Flow
+from flows.base import Flow, spatial_size
 
 __all__ = ["ActNorm"]
-
-
-def _spatial_size(x: Tensor) -> int:
-    """Number of positions sharing one channel's parameters: ``H*W`` for images, 1 for vectors."""
-    return x[0, 0].numel()
 
 
 def _channel_view(t: Tensor, x: Tensor) -> Tensor:
@@ -99,7 +94,7 @@ class ActNorm(Flow):
         return x, -self._logdet(y)
 
     def _logdet(self, x: Tensor) -> Tensor:
-        total = self.log_scale.sum() * _spatial_size(x)
+        total = self.log_scale.sum() * spatial_size(x)
         dtype = torch.promote_types(total.dtype, torch.float32)
         return total.to(dtype).expand(x.shape[0])
 

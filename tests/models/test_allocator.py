@@ -1,0 +1,50 @@
+"""Tests of models/allocator.py: the host-memory setting of train.py."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.allocator import reuse_freed_memory
+
+ROOT = Path(__file__).resolve().parents[2]
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# Frees and reallocates 64 MB blocks, as a training step frees and reallocates its
+# tensors, and prints the page faults of the second round. 64 MB is above the largest
+# threshold glibc picks by itself (32 MB), so by default every block is a fresh mmap.
+CHURN = """
+import resource, sys, torch
+from models.allocator import reuse_freed_memory
+if sys.argv[1] == "reuse":
+    assert reuse_freed_memory()
+def churn():
+    for _ in range(5):
+        torch.empty(16 << 20).fill_(1.0)
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    result = subprocess.run([sys.executable, "-c", CHURN, mode], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=True)
+    return int(result.stdout.split()[-1])
+
+
+def test_reuse_freed_memory_says_whether_it_applies() -> None:
+    assert reuse_freed_memory() is GLIBC
+
+
+@pytest.mark.skipif(not GLIBC, reason="the setting is glibc's")
+def test_reused_memory_is_not_faulted_in_again() -> None:
+    # Measured: 81,925 faults by default (5 blocks of 16,384 pages of 4 kB), 0 with the
+    # setting. With transparent huge pages a block takes 32 faults, so the bound is loose.
+    default, reuse = _faults("default"), _faults("reuse")
+    assert default > 100 and reuse * 10 < default, (default, reuse)
