@@ -65,7 +65,7 @@ class Config:
     dataset: str = "digits"  # data set: digits (embedded), a 2D toy (two_moons, checkerboard, ...), mixture10d, mnist, cifar10, or a tabular set (power, gas, hepmass, miniboone, bsds300)
     data_dir: str = "data"  # folder holding downloadable data sets
     download: bool = False  # download a missing data set into --data-dir
-    conditional: bool = False  # model p(x | class): the one-hot label is the context (2D toys, digits, mnist, cifar10)
+    conditional: bool = False  # model p(x | class): the one-hot label is the context (2D toys, mixture10d, digits, mnist, cifar10)
     steps: int = 6000  # optimisation steps in all; a resumed run continues up to this
     epochs: float | None = None  # train for this many passes over the training set instead of --steps
     batch_size: int = 128  # samples per step, per process

@@ -100,8 +100,8 @@ class Dataset:
         """The labels one-hot, ``(N, num_classes)`` float32: the context of a class-conditional model."""
         if self.labels is None or self.num_classes is None:
             raise ValueError(
-                f"a class-conditional model expected a data set with class labels (the 2D toys, digits, mnist, "
-                f"cifar10), got {self.name!r}, which has none"
+                f"a class-conditional model expected a data set with class labels (the 2D toys, mixture10d, "
+                f"digits, mnist, cifar10), got {self.name!r}, which has none"
             )
         return one_hot(self.labels, self.num_classes)
 
