@@ -98,6 +98,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   ckpt_every=2000, eval_every=5000),
     "cifar10": dict(dataset="cifar10", steps=200_000, batch_size=64, lr=1e-3, warmup=5000, schedule="constant",
                     ckpt_every=5000, eval_every=10_000),
+    # The tabular benchmarks: the preset picks the data set (and MAF's / NSF's sizes for it);
+    # the run settings stay train.py's defaults, since the papers' could not be checked here.
+    **{name: dict(dataset=name) for name in ("power", "gas", "hepmass", "miniboone", "bsds300")},
 }
 # Fields that belong to one invocation, never taken from a checkpoint's config.
 PER_INVOCATION = {"resume", "eval_only", "overwrite", "download", "out"}

@@ -115,6 +115,13 @@ def test_a_conditional_digits_run_resumes_with_its_context(tmp_path: Path) -> No
     assert payload["step"] == 3 and payload["model_config"]["context_features"] == 10
 
 
+def test_a_tabular_preset_picks_its_data_set() -> None:
+    config, _ = train.resolve_config(["--model", "nsf", "--preset", "hepmass"])
+    assert config.dataset == "hepmass" and config.out == str(Path("runs") / "nsf-hepmass")
+    config, _ = train.resolve_config(["--model", "maf", "--preset", "power", "--dataset", "mixture10d"])
+    assert config.dataset == "mixture10d"  # a flag given wins over the preset
+
+
 def test_conditional_on_a_set_without_labels_fails_before_writing(tmp_path: Path) -> None:
     (tmp_path / "data" / "power").mkdir(parents=True)
     numpy.save(tmp_path / "data" / "power" / "data.npy", numpy.random.default_rng(0).normal(size=(400, 8)))
