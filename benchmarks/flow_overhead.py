@@ -8,9 +8,10 @@ what the flow itself (ActNorm, 1x1 convolutions, squeezes, splits, log-dets, the
 preprocessing and the base density) costs on top. Target: at most 1.15 on CPU.
 
 Both run with the host-memory setting train.py uses (``models.allocator``), unless
-``--glibc-defaults`` is given.
+``--glibc-defaults`` is given; ``--compile`` puts both losses through ``torch.compile``
+(as ``train.py --compile`` does the model's; about 2 minutes of compiling first).
 
-    python benchmarks/flow_overhead.py [--glibc-defaults]
+    python benchmarks/flow_overhead.py [--glibc-defaults] [--compile]
 """
 
 from __future__ import annotations
@@ -66,16 +67,24 @@ def main() -> None:
     flow_optimizer = training.build_optimizer(model, 1e-4)
     net_optimizer = training.build_optimizer([p for net in nets for p in net.parameters()], 1e-4)
 
+    def flow_loss() -> torch.Tensor:
+        return -model.log_prob(x).mean()
+
+    def subnet_loss() -> torch.Tensor:
+        return sum(net(h).square().mean() for net, h in zip(nets, inputs))
+
+    compiled = "--compile" in sys.argv[1:]
+    if compiled:
+        flow_loss, subnet_loss = torch.compile(flow_loss), torch.compile(subnet_loss)
+
     def flow_step() -> None:
         flow_optimizer.zero_grad(set_to_none=True)
-        loss = -model.log_prob(x).mean()
-        loss.backward()
+        flow_loss().backward()
         flow_optimizer.step()
 
     def subnet_step() -> None:
         net_optimizer.zero_grad(set_to_none=True)
-        loss = sum(net(h).square().mean() for net, h in zip(nets, inputs))
-        loss.backward()
+        subnet_loss().backward()
         net_optimizer.step()
 
     # Interleave the two so that drifts in machine load (a shared VM) hit both alike, and
@@ -88,10 +97,11 @@ def main() -> None:
     quartiles = statistics.quantiles(ratios, n=4)
     print(f"machine: {machine()}")
     print(f"Glow 3x32x32, 3 levels x 8 steps, hidden 128, batch 32, {len(nets)} subnetworks, {ROUNDS} rounds; "
-          f"host memory: {allocator}")
+          f"host memory: {allocator}; {'torch.compile' if compiled else 'eager'}")
     print(f"training step: flow {statistics.median(flow_times) * 1e3:.0f} ms, subnetworks alone "
           f"{statistics.median(net_times) * 1e3:.0f} ms, ratio {statistics.median(ratios):.3f} "
           f"(quartiles {quartiles[0]:.3f}-{quartiles[2]:.3f}; target <= 1.15)")
+
 
 if __name__ == "__main__":
     main()
