@@ -80,10 +80,9 @@ class Coupling(Flow):
         half = num_features // 2
         # parity 0 transforms the second half [half, D), parity 1 the first [0, half).
         self._transformed = slice(half, None) if parity == 0 else slice(0, half)
-        self._conditioning = slice(0, half) if parity == 0 else slice(half, None)
-        self._channel_split = (half, num_features - half)
+        self._channel_split = (half, num_features - half)  # (first, second) part sizes on dim 1
         if mask == "channel":
-            n_in = len(range(num_features)[self._conditioning])
+            n_in = self._channel_split[parity]  # the conditioning part: first for parity 0
             n_out = num_features - n_in
         else:
             n_in, n_out = num_features, num_features

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.data import one_hot
+
 __all__ = ["save_samples", "save_density", "save_class_densities", "save_loss_curve"]
 
 
@@ -30,7 +32,7 @@ def _figure(ncols: int = 1, size: float = 4.0, share: bool = False, nrows: int =
 
 def _class_context(labels: Tensor, num_classes: int, like: Tensor) -> Tensor:
     """One-hot rows of ``labels`` on ``like``'s device and dtype: a class-conditional model's context."""
-    return torch.nn.functional.one_hot(labels, num_classes).to(device=like.device, dtype=like.dtype)
+    return one_hot(labels, num_classes).to(device=like.device, dtype=like.dtype)
 
 
 @torch.no_grad()

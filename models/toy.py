@@ -164,20 +164,26 @@ class Checkerboard(ToyDensity):
         return points, (2 * i + half).long()
 
     def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
-        cell = torch.floor((x + 4.0) / 2.0)  # (N, 2) square indices
-        inside = ((cell >= 0) & (cell <= 3)).all(dim=1)
-        black = cell.sum(dim=1) % 2 == 0
+        cell, on_black = self._squares(x)
         mine = 2 * cell[:, 0] + torch.div(cell[:, 1], 2, rounding_mode="floor") == labels
-        full = torch.full_like(x[:, 0], -math.log(self.area / self.num_classes))
-        return torch.where(inside & black & mine, full, torch.full_like(full, -math.inf))
+        return self._uniform(on_black & mine, x, self.area / self.num_classes)
 
     def log_prob(self, x: Tensor) -> Tensor:
         self._check_points(x)
-        cell = torch.floor((x + 4.0) / 2.0)  # (N, 2) square indices
-        inside = ((cell >= 0) & (cell <= 3)).all(dim=1)
-        black = cell.sum(dim=1) % 2 == 0
-        full = torch.full_like(x[:, 0], -math.log(self.area))
-        return torch.where(inside & black, full, torch.full_like(full, -math.inf))
+        return self._uniform(self._squares(x)[1], x, self.area)
+
+    @staticmethod
+    def _squares(x: Tensor) -> tuple[Tensor, Tensor]:
+        """Each point's square indices ``(N, 2)`` and whether that square is a black one on the board."""
+        cell = torch.floor((x + 4.0) / 2.0)
+        on_black = ((cell >= 0) & (cell <= 3)).all(dim=1) & (cell.sum(dim=1) % 2 == 0)
+        return cell, on_black
+
+    @staticmethod
+    def _uniform(support: Tensor, x: Tensor, area: float) -> Tensor:
+        """``-log(area)`` where ``support`` holds, ``-inf`` elsewhere, in ``x``'s dtype."""
+        full = torch.full_like(x[:, 0], -math.log(area))
+        return torch.where(support, full, torch.full_like(full, -math.inf))
 
     def entropy(self) -> tuple[float, float]:
         """``log 32`` exactly, with standard error 0."""
