@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 
 import models
-from models import plots, training
+from models import checkpoints, metrics_log, plots, training
 from models.allocator import reuse_freed_memory
 from models.data import DATASETS, Dataset, load_dataset
 from models.training import LoopSettings, Processes, RunDir, TrainState
@@ -155,7 +155,7 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, dict[str, Any] | Non
         raise ValueError(
             f"expected --steps or --epochs, got both (--steps {given['steps']} --epochs {given['epochs']})"
         )
-    payload = training.load_checkpoint(given["resume"]) if given.get("resume") else None
+    payload = checkpoints.load_checkpoint(given["resume"]) if given.get("resume") else None
     saved = {k: v for k, v in (payload or {}).get("config", {}).items()
              if k in {f.name for f in dataclasses.fields(Config)} and k not in PER_INVOCATION}
     preset = given.get("preset", saved.get("preset", Config.preset))
@@ -256,7 +256,7 @@ def context_of(config: Config, ds: Dataset) -> torch.Tensor | None:
 
 
 def finish(config: Config, model: torch.nn.Module, train: Dataset, test: Dataset, run: RunDir,
-           procs: Processes, log: training.MetricsLog, step: int) -> None:
+           procs: Processes, log: metrics_log.MetricsLog, step: int) -> None:
     """Final test evaluation and pictures (rank 0 writes them)."""
     result = training.evaluate(model, test.data, test.num_levels, 4 * config.batch_size, procs, config.seed,
                                context_of(config, test))
@@ -285,7 +285,7 @@ def finish(config: Config, model: torch.nn.Module, train: Dataset, test: Dataset
         plots.save_density(model, run.density, train.data, test.density.log_prob)
         written.append(run.density)
     if run.metrics.exists():
-        plots.save_loss_curve(training.read_metrics(run.metrics), run.loss)
+        plots.save_loss_curve(metrics_log.read_metrics(run.metrics), run.loss)
         written.append(run.loss)
     report(procs, f"wrote {run.root}/: " + ", ".join(p.name for p in [run.config, run.metrics, run.checkpoint, *written]
                                                       if p.exists()))
@@ -302,17 +302,17 @@ def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device
     model = models.build_model(config.model, config.preset, train.shape, num_levels=train.num_levels,
                                context_features=context_features).to(device)
     if payload is not None:
-        training.check_compatible(payload, model, config.resume)
+        checkpoints.check_compatible(payload, model, config.resume)
     run_dir = RunDir(Path(config.out))
     check_run_dir(config, run_dir)
     seed_everything(config.seed + procs.rank)  # noise and sampling differ between ranks
     state = make_state(config, model, config.steps)
-    log = training.MetricsLog(run_dir.metrics if procs.is_main else None)
+    log = metrics_log.MetricsLog(run_dir.metrics if procs.is_main else None)
     if payload is not None:
-        training.restore(state, payload, procs)
+        checkpoints.restore(state, payload, procs)
         state.last_checkpoint = (config.resume, state.step)
     if config.eval_only:
-        finish(config, model, train, test, run_dir, procs, training.MetricsLog(None), state.step)
+        finish(config, model, train, test, run_dir, procs, metrics_log.MetricsLog(None), state.step)
         return 0
     # From here on files are written: every input has been checked.
     if procs.is_main:

@@ -16,7 +16,7 @@ import torch
 
 import models.data
 import train
-from models import training
+from models import checkpoints, metrics_log, training
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--log-every", "2", "--num-samples", "4"]
@@ -27,7 +27,7 @@ def run(tmp: Path, *flags: str) -> int:
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return training.load_checkpoint(path)["model"]
+    return checkpoints.load_checkpoint(path)["model"]
 
 
 def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,7 +47,7 @@ def test_a_short_run_writes_config_metrics_checkpoint_and_pictures(tmp_path: Pat
     assert names == {"config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "loss.png"}
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"] == "realnvp" and config["steps"] == 3  # ceil(0.1 * (1497 // 64))
-    records = training.read_metrics(tmp_path / "metrics.jsonl")
+    records = metrics_log.read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("test", 2), ("train", 3), ("test", 3)]
     assert all(r["bits_per_dim"] > 0 for r in records)
     out = capsys.readouterr().out
@@ -68,7 +68,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path: Path, monke
 
     monkeypatch.setattr(training, "train_step", interrupted_step)
     assert run(tmp_path / "resumed", *flags) == 130
-    assert training.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
+    assert checkpoints.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
     monkeypatch.setattr(training, "train_step", step)
     assert train.main([*FAST, "--resume", str(tmp_path / "resumed" / "checkpoint.pt")]) == 0
     for (name, a), b in zip(tensors(tmp_path / "straight" / "checkpoint.pt").items(),
@@ -76,7 +76,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path: Path, monke
         assert torch.equal(a, b), name
 
     def train_records(run_dir: str) -> list[tuple]:
-        rows = training.read_metrics(tmp_path / run_dir / "metrics.jsonl")
+        rows = metrics_log.read_metrics(tmp_path / run_dir / "metrics.jsonl")
         return [(r["step"], r["loss"], r["lr"]) for r in rows if r["split"] == "train"]
 
     assert train_records("straight") == train_records("resumed")
@@ -100,9 +100,9 @@ def test_a_conditional_toy_run_draws_each_class_and_reports_the_conditional_gap(
     assert run(tmp_path, "--model", "nsf", "--preset", "toy2d", "--dataset", "two_moons", "--conditional",
                "--steps", "2", "--batch-size", "32") == 0
     assert (tmp_path / "density.png").stat().st_size > 1000
-    payload = training.load_checkpoint(tmp_path / "checkpoint.pt")
+    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["model_config"]["context_features"] == 2 and payload["config"]["conditional"] is True
-    final = training.read_metrics(tmp_path / "metrics.jsonl")[-1]
+    final = metrics_log.read_metrics(tmp_path / "metrics.jsonl")[-1]
     floor = models.data.load_dataset("two_moons").density.conditional_entropy()[0] / 2
     assert final["split"] == "test" and final["entropy_per_dim"] == pytest.approx(floor, rel=1e-12)
     assert "(H(X | class))" in capsys.readouterr().out
@@ -111,7 +111,7 @@ def test_a_conditional_toy_run_draws_each_class_and_reports_the_conditional_gap(
 def test_a_conditional_digits_run_resumes_with_its_context(tmp_path: Path) -> None:
     assert run(tmp_path, "--conditional", "--model", "glow", "--steps", "2", "--batch-size", "32") == 0
     assert train.main([*FAST, "--resume", str(tmp_path / "checkpoint.pt"), "--steps", "3"]) == 0
-    payload = training.load_checkpoint(tmp_path / "checkpoint.pt")
+    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["step"] == 3 and payload["model_config"]["context_features"] == 10
 
 
@@ -185,5 +185,5 @@ def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes" in result.stdout and result.stdout.count("test: ") == 1  # rank 0 alone prints
-    records = training.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    records = metrics_log.read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("train", 4), ("test", 4)]

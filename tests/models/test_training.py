@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 import flows
 from flows.nets import MLP, GlowConvNet
-from models import plots, training
+from models import checkpoints, metrics_log, plots, training
 from models.metrics import nats_mean_and_stderr
 from models.training import LoopSettings, Processes, RunDir, TrainState
 
@@ -70,7 +70,7 @@ def start(model, data, steps, run_dir, procs=Processes(), num_levels=None, start
     )
     state.scheduler = training.build_scheduler(state.optimizer, warmup=3, total=steps)
     if start_from is not None:
-        training.restore(state, training.load_checkpoint(start_from), procs)
+        checkpoints.restore(state, checkpoints.load_checkpoint(start_from), procs)
     loader = training.make_train_loader(data, 16, seed=0, procs=procs, context=context)
     batches = training.train_batches(loader, state.step, torch.device("cpu"), torch.get_default_dtype(), num_levels)
     first = next(batches)
@@ -90,12 +90,12 @@ def test_fit_writes_metrics_and_checkpoint(tmp_path: Path) -> None:
     model = StandIn((1, 4, 4), num_levels=17)
     evaluator = partial(training.evaluate, model, data[:20], 17, batch_size=8)
     state, outcome = start(model, data, 6, tmp_path, num_levels=17, evaluator=evaluator, eval_every=3)
-    records = training.read_metrics(tmp_path / "metrics.jsonl")
+    records = metrics_log.read_metrics(tmp_path / "metrics.jsonl")
     assert outcome == "done" and state.step == 6
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
     assert [r["step"] for r in records if r["split"] == "test"] == [3]
     assert all(math.isfinite(r["bits_per_dim"]) for r in records)
-    payload = training.load_checkpoint(tmp_path / "checkpoint.pt")
+    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["step"] == 6 and payload["model_name"] == "standin"
     assert set(payload) >= {"model", "optimizer", "scheduler", "scaler", "config", "model_config", "rng"}
 
@@ -113,32 +113,10 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path: Path) -> None
         assert torch.equal(a, b)
 
     def losses(run: str) -> list[tuple]:
-        rows = training.read_metrics(tmp_path / run / "metrics.jsonl")
+        rows = metrics_log.read_metrics(tmp_path / run / "metrics.jsonl")
         return [(r["step"], r["loss"], r["log_p"], r["logdet"], r["lr"]) for r in rows]
 
     assert losses("a") == losses("b")
-
-
-def test_save_checkpoint_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "checkpoint.pt"
-    training.save_checkpoint({"format": 1, "model": {"w": torch.ones(2)}}, path)
-    good = path.read_bytes()
-
-    def failing_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
-        training.save_checkpoint({"format": 1, "model": {"w": torch.zeros(2)}}, path)
-    assert path.read_bytes() == good
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]
-
-
-def test_save_checkpoint_refuses_non_finite_parameters(tmp_path: Path) -> None:
-    with pytest.raises(FloatingPointError, match="refusing to write a checkpoint with NaN or inf"):
-        training.save_checkpoint({"format": 1, "model": {"w": torch.tensor([1.0, math.nan])}}, tmp_path / "c.pt")
-    assert not (tmp_path / "c.pt").exists()
 
 
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -146,7 +124,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path: P
     message = r"NaN or inf at step 5\. Last good checkpoint: .*checkpoint\.pt \(step 4\)"
     with pytest.raises(FloatingPointError, match=message):
         start(model, vector_data(), 8, tmp_path)
-    payload = training.load_checkpoint(tmp_path / "checkpoint.pt")
+    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["step"] == 4
     assert all(torch.isfinite(t).all() for t in payload["model"].values())
 
@@ -161,7 +139,7 @@ def test_skip_mode_skips_and_counts_non_finite_batches(tmp_path: Path) -> None:
     state, outcome = start(NaNAt({1, 4}), vector_data(), 8, tmp_path, nonfinite="skip")
     assert outcome == "done" and state.skipped == 2
     assert all(torch.isfinite(p).all() for p in state.model.parameters())
-    assert training.read_metrics(tmp_path / "metrics.jsonl")[-1]["skipped"] == 2
+    assert metrics_log.read_metrics(tmp_path / "metrics.jsonl")[-1]["skipped"] == 2
 
 
 def test_a_batch_with_nan_raises(tmp_path: Path) -> None:
@@ -176,20 +154,12 @@ def test_a_batch_with_nan_raises(tmp_path: Path) -> None:
 
 def test_check_compatible_rejects_another_model(tmp_path: Path) -> None:
     state, _ = start(StandIn(hidden=8), vector_data(), 2, tmp_path)
-    payload = training.load_checkpoint(tmp_path / "checkpoint.pt")
-    training.check_compatible(payload, StandIn(hidden=8), "c.pt")
+    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
+    checkpoints.check_compatible(payload, StandIn(hidden=8), "c.pt")
     message = (r"resume expected a checkpoint of the model being built \(standin with \{'hidden': 16\}\), "
                r"got standin with \{'hidden': 8\}")
     with pytest.raises(ValueError, match=message):
-        training.check_compatible(payload, StandIn(hidden=16), "c.pt")
-
-
-def test_load_checkpoint_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="checkpoint expected a file written by train.py, got .*nope.pt"):
-        training.load_checkpoint(tmp_path / "nope.pt")
-    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="checkpoint expected a train.py checkpoint"):
-        training.load_checkpoint(tmp_path / "other.pt")
+        checkpoints.check_compatible(payload, StandIn(hidden=16), "c.pt")
 
 
 def test_lr_schedule_warms_up_linearly_then_holds_or_decays() -> None:
@@ -306,7 +276,7 @@ def test_ddp_two_processes_agree_and_only_rank_0_writes(tmp_path: Path) -> None:
     for a, b in zip(p0, p1, strict=True):
         assert torch.equal(a, b)
     assert (tmp_path / "run0" / "checkpoint.pt").exists() and not (tmp_path / "run1").exists()
-    assert [r["step"] for r in training.read_metrics(tmp_path / "run0" / "metrics.jsonl")] == [2, 4]
+    assert [r["step"] for r in metrics_log.read_metrics(tmp_path / "run0" / "metrics.jsonl")] == [2, 4]
 
 
 def test_evaluate_reports_the_average_log_likelihood_per_sample() -> None:
