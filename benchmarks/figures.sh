@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every training figure in the README, one run each, on the CPU. About 30 minutes on 2 cores.
+# Every training figure in the README, one run each, on the CPU. About 21 minutes on 2 cores (20 min 34 s measured).
 #   bash benchmarks/figures.sh [OUT_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -78,5 +78,6 @@ def main() -> None:
         ratio = statistics.median(r[name] / r["fast"] for r in rounds)
         print(f"  {name}: {seconds:.3f} s, flows.jacobian is {ratio:.1f}x faster (max |diff| {errors[name]:.1e})")
 
+
 if __name__ == "__main__":
     main()

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -700,7 +701,7 @@ def evaluate(
     generator = torch.Generator(param.device).manual_seed(seed * 1_000_003 + procs.rank)
     sums = torch.zeros(3, dtype=torch.float64, device=param.device)  # count, sum, sum of squares
     shard = slice(procs.rank, None, procs.world_size)
-    contexts = [None] * len(data) if context is None else context[shard].split(batch_size)
+    contexts = repeat(None) if context is None else context[shard].split(batch_size)
     for chunk, ctx in zip(data[shard].split(batch_size), contexts):
         x = chunk.to(device=param.device, dtype=param.dtype)
         if num_levels is not None:
