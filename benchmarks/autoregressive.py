@@ -42,9 +42,9 @@ def _perturbed(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
 
 def maf_throughput(features: int) -> tuple[float, float]:
     """Samples per second of a 5-layer MAF: ``(density, sampling)``."""
-    model = MAF((features,), num_layers=5, hidden_features=128, num_blocks=1)
+    model = MAF((features,), num_steps=5, hidden_features=128, num_blocks=1)
     x = torch.randn(BATCH, features)
-    model.transform(x)  # ActNorm's data-dependent initialisation
+    model.transform(x)  # ActNorm's data-dependent initialization
     transform = _perturbed(model).transform
     with torch.no_grad():
         z, _ = transform(x)
@@ -72,7 +72,7 @@ def main() -> None:
         print(f"| {features} | {density:,.0f} | {sampling:,.0f} | {density / sampling:,.0f} |")
 
     features = 64
-    subnet = partial(MLP, hidden_features=128, num_layers=2)
+    subnet = partial(MLP, hidden_features=128, num_blocks=1)
     x = torch.randn(BATCH, features) * 1.5
     affine = coupling_seconds(flows.AffineCoupling(features, subnet), x)
     spline = coupling_seconds(flows.RQSplineCoupling(features, subnet, num_bins=8), x)

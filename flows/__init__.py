@@ -3,10 +3,16 @@
 ``forward`` maps data to latent (the density direction); ``inverse`` maps back.
 """
 
-from flows import jacobian, nets, splines
+from flows import jacobian, maps, nets, splines
 
 # The contract
 from flows.base import Flow, Inverse, InverseFlow, InverseNotAvailable, Sequential
+
+# Input validation for layers, yours included
+from flows.validation import check_context, check_input
+
+# Elementwise maps shared by the coupling and autoregressive families
+from flows.maps import AdditiveMap, AffineMap, ElementwiseMap, SplineMap
 
 # Coupling layers
 from flows.coupling import AdditiveCoupling, AffineCoupling, Coupling, RQSplineCoupling
@@ -14,7 +20,7 @@ from flows.coupling import AdditiveCoupling, AffineCoupling, Coupling, RQSplineC
 # Autoregressive flows
 from flows.autoregressive import MADE, Autoregressive, MaskedAffineAutoregressive, RQSplineAutoregressive
 
-# Normalisation
+# Normalization
 from flows.normalization import ActNorm
 
 # Linear maps and permutations
@@ -34,6 +40,8 @@ from flows.jacobian import check_flow, exact_logdet
 
 __all__ = [
     "Flow", "Inverse", "InverseFlow", "InverseNotAvailable", "Sequential",
+    "check_context", "check_input",
+    "AdditiveMap", "AffineMap", "ElementwiseMap", "SplineMap",
     "AdditiveCoupling", "AffineCoupling", "Coupling", "RQSplineCoupling",
     "MADE", "Autoregressive", "MaskedAffineAutoregressive", "RQSplineAutoregressive",
     "ActNorm",
@@ -41,5 +49,5 @@ __all__ = [
     "Logit", "ScalarAffine",
     "Flatten", "Split", "Squeeze",
     "FlowDistribution", "StandardNormal",
-    "check_flow", "exact_logdet", "jacobian", "nets", "splines",
+    "check_flow", "exact_logdet", "jacobian", "maps", "nets", "splines",
 ]

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows._checks import check_context, check_input
-from flows.base import Flow
-from flows.splines import packed_spline, spline_param_count
+from flows.base import Flow, sum_per_sample, zero_logdet
+from flows.maps import AffineMap, ElementwiseMap, SplineMap
+from flows.validation import check_context, check_input
 
 __all__ = ["MADE", "Autoregressive", "MaskedAffineAutoregressive", "RQSplineAutoregressive"]
 
@@ -65,27 +65,33 @@ class MaskedResidualBlock(nn.Module):
     """``h + W2 act(W1 act(h))`` with hidden-to-hidden masks ``degree_out >= degree_in``,
     so the block keeps each unit's degree and the skip connection stays autoregressive."""
 
-    def __init__(self, mask: Tensor, context_features: int, activation: Callable[[], nn.Module]) -> None:
+    def __init__(
+        self, mask: Tensor, context_features: int, activation: Callable[[], nn.Module], dropout: float
+    ) -> None:
         super().__init__()
         self.first = MaskedLinear(mask, context_features)
         self.second = MaskedLinear(mask, context_features)
         self.activation = activation()
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor, context: Tensor | None) -> Tensor:
         residual = self.first(self.activation(h), context)
-        return h + self.second(self.activation(residual), context)
+        return h + self.second(self.dropout(self.activation(residual)), context)
 
 
 class MaskedFeedforwardBlock(nn.Module):
     """``W act(h)`` with a hidden-to-hidden mask ``degree_out >= degree_in``."""
 
-    def __init__(self, mask: Tensor, context_features: int, activation: Callable[[], nn.Module]) -> None:
+    def __init__(
+        self, mask: Tensor, context_features: int, activation: Callable[[], nn.Module], dropout: float
+    ) -> None:
         super().__init__()
         self.linear = MaskedLinear(mask, context_features)
         self.activation = activation()
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, h: Tensor, context: Tensor | None) -> Tensor:
-        return self.linear(self.activation(h), context)
+        return self.linear(self.dropout(self.activation(h)), context)
 
 
 class MADE(nn.Module):
@@ -103,7 +109,8 @@ class MADE(nn.Module):
         hidden_features: width of the hidden layers; at least ``D - 1`` lets every
             feature see all the features before it.
         out_multiplier: outputs per feature (e.g. 2 for shift and scale).
-        num_blocks: hidden blocks after the first masked layer.
+        num_blocks: hidden blocks between the input layer and the output layer (a
+            block is one masked hidden layer, or two with a skip when ``residual``).
         order: ``"natural"``, ``"reversed"`` or ``"random"`` (a permutation drawn with
             ``seed``, or from torch's global generator when ``seed`` is None).
         seed: seed of the random order.
@@ -111,6 +118,7 @@ class MADE(nn.Module):
         context_features: size ``K`` of a context appended to every masked layer's input.
         activation: factory of the nonlinearity.
         zero_init: zero the output layer, so a flow built on it starts as the identity.
+        dropout: probability of dropping a hidden unit inside each block (training only).
 
     Attributes:
         degrees: ``(D,)`` long buffer, the degree (1..D) of each input feature.
@@ -138,9 +146,12 @@ class MADE(nn.Module):
         context_features: int = 0,
         activation: Callable[[], nn.Module] = nn.ReLU,
         zero_init: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         _check_made_args(features, hidden_features, out_multiplier, num_blocks, order, context_features)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"MADE dropout must be in [0, 1), got {dropout!r}")
         self.features = features
         self.order = order
         self.out_multiplier = out_multiplier
@@ -151,7 +162,9 @@ class MADE(nn.Module):
         self.first = MaskedLinear(hidden[:, None] >= self.degrees[None, :], context_features)
         block = MaskedResidualBlock if residual else MaskedFeedforwardBlock
         square = hidden[:, None] >= hidden[None, :]
-        self.blocks = nn.ModuleList(block(square, context_features, activation) for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(
+            block(square, context_features, activation, dropout) for _ in range(num_blocks)
+        )
         self.activation = activation()
         self.last = MaskedLinear(outputs[:, None] > hidden[None, :], context_features)
         if zero_init:
@@ -187,43 +200,53 @@ def _check_made_args(
 
 
 class Autoregressive(Flow):
-    """Base of the autoregressive flows: owns the MADE, the one-pass forward, the
-    ``D``-pass inverse and the triangular structure.
+    """An autoregressive layer: ``y_i = m(x_i; theta_i(x_<i, context))`` for any elementwise
+    map ``m`` (:mod:`flows.maps`), ``theta`` from a :class:`MADE`; ``logdet = sum_i log|m'(x_i)|``.
 
-    Subclasses implement :meth:`transform` and :meth:`inverse_transform`, elementwise
-    maps given parameters ``(B, D, params_per_feature)`` from the MADE.
+    Owns the MADE, the one-pass forward (the density direction), the ``D``-pass inverse
+    and the triangular structure (declared by :meth:`jacobian_mask`). Accepts ``(B, D)``.
+    The concrete layers below fix the map; use this class directly for a map of your own.
 
     Args:
         features: ``D`` of ``(B, D)`` inputs.
-        params_per_feature: parameters the elementwise map takes per feature.
-        hidden_features, num_blocks, order, seed, residual, context_features: see :class:`MADE`.
+        elementwise: the map applied to each feature.
+        hidden_features, num_blocks, order, seed, residual, context_features, dropout:
+            see :class:`MADE`.
+
+    Example:
+        >>> import torch, flows
+        >>> layer = flows.Autoregressive(3, flows.maps.AffineMap(), hidden_features=8)
+        >>> layer(torch.randn(2, 3))[1].shape
+        torch.Size([2])
     """
+
+    #: ``inverse`` takes ``D`` sequential passes of the MADE (not one closed-form step).
+    iterative_inverse = True
 
     def __init__(
         self,
         features: int,
-        params_per_feature: int,
+        elementwise: ElementwiseMap,
         hidden_features: int = 64,
         num_blocks: int = 2,
         order: str = "natural",
         seed: int | None = None,
         residual: bool = False,
         context_features: int = 0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        if not isinstance(elementwise, ElementwiseMap):
+            raise TypeError(
+                f"{type(self).__name__} expects a flows.maps.ElementwiseMap, got {type(elementwise).__name__}"
+            )
         self.features = features
+        self.elementwise = elementwise
         self.context_features = context_features
         self.made = MADE(
-            features, hidden_features, params_per_feature, num_blocks, order, seed, residual, context_features
+            features, hidden_features, elementwise.param_count, num_blocks, order, seed, residual,
+            context_features, dropout=dropout,
         )
-
-    def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Elementwise map ``(y, log|dy/dx| per entry)``."""
-        raise NotImplementedError
-
-    def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """Inverse of :meth:`transform`: ``(x, log|dx/dy| per entry)``."""
-        raise NotImplementedError
 
     def _validate(self, x: Tensor, context: Tensor | None) -> None:
         name = type(self).__name__
@@ -232,8 +255,8 @@ class Autoregressive(Flow):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._validate(x, context)
-        y, log_derivative = self.transform(x, self.made(x, context))
-        return y, _sum_logdet(log_derivative)
+        y, log_derivative = self.elementwise.forward(x, self.made(x, context))
+        return y, _logdet(log_derivative, x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._validate(y, context)
@@ -241,8 +264,8 @@ class Autoregressive(Flow):
         # of lower degree, already exact after pass k - 1: D passes invert exactly.
         x = torch.zeros_like(y)
         for _ in range(self.features):
-            x, log_derivative = self.inverse_transform(y, self.made(x, context))
-        return x, _sum_logdet(log_derivative)
+            x, log_derivative = self.elementwise.inverse(y, self.made(x, context))
+        return x, _logdet(log_derivative, y)
 
     def jacobian_mask(self, shape: tuple[int, ...]) -> Tensor:
         """``dy_i/dx_j`` may be non-zero iff ``i == j`` or ``degree(j) < degree(i)``."""
@@ -254,25 +277,28 @@ class Autoregressive(Flow):
         return torch.eye(shape[0], dtype=torch.bool) | (degrees[None, :] < degrees[:, None])
 
 
-def _sum_logdet(log_derivative: Tensor) -> Tensor:
-    logdet = log_derivative.sum(1)
-    return logdet.to(torch.promote_types(logdet.dtype, torch.float32))
+def _logdet(log_derivative: Tensor | None, x: Tensor) -> Tensor:
+    """The per-sample sum, or zeros for a volume-preserving map (which returns ``None``)."""
+    return zero_logdet(x) if log_derivative is None else sum_per_sample(log_derivative)
 
 
 class MaskedAffineAutoregressive(Autoregressive):
     """Masked autoregressive flow (MAF) layer; ``flows.Inverse`` of it is IAF.
 
-    ``z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i))``; ``logdet = -sum_i alpha_i``,
-    with the log-scale soft-clamped, ``alpha = c * tanh(a / c)``, for stability.
+    ``z_i = x_i * exp(s_i(x_<i)) + t_i(x_<i)``; ``logdet = sum_i s_i``, with the
+    log-scale soft-clamped, ``s = c * tanh(h / c)`` (:class:`flows.maps.AffineMap`).
+    (The paper writes ``z_i = (x_i - mu_i) exp(-alpha_i)``: the same family, with
+    ``s = -alpha`` and ``t = -mu exp(-alpha)``.)
 
     Accepts ``(B, D)``. ``forward`` (the density direction) is one MADE pass; ``inverse``
     (sampling) is ``D`` passes. ``flows.Inverse(MaskedAffineAutoregressive(...))`` is an
     inverse autoregressive flow (IAF): sampling in one pass, density in ``D``. A new
-    layer is the identity (the MADE's output layer is zero-initialised).
+    layer is the identity (the MADE's output layer is zero-initialized).
 
     Args:
         features: ``D``.
-        hidden_features, num_blocks, order, seed, residual, context_features: see :class:`MADE`.
+        hidden_features, num_blocks, order, seed, residual, context_features, dropout:
+            see :class:`MADE`.
         clamp: ``c`` of the soft clamp; the scale stays within ``e^±c``.
 
     References:
@@ -302,38 +328,29 @@ class MaskedAffineAutoregressive(Autoregressive):
         residual: bool = False,
         context_features: int = 0,
         clamp: float = 2.0,
+        dropout: float = 0.0,
     ) -> None:
-        if clamp <= 0:
-            raise ValueError(f"MaskedAffineAutoregressive clamp must be > 0, got {clamp}")
-        super().__init__(features, 2, hidden_features, num_blocks, order, seed, residual, context_features)
-        self.clamp = clamp
-
-    def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        return params[..., 0], self.clamp * torch.tanh(params[..., 1] / self.clamp)
-
-    def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift, alpha = self._shift_log_scale(params)
-        return (x - shift) * torch.exp(-alpha), -alpha
-
-    def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift, alpha = self._shift_log_scale(params)
-        return y * torch.exp(alpha) + shift, alpha
+        super().__init__(
+            features, AffineMap("exp", clamp), hidden_features, num_blocks, order, seed, residual,
+            context_features, dropout,
+        )
 
 
 class RQSplineAutoregressive(Autoregressive):
     """Autoregressive rational-quadratic spline flow (the autoregressive NSF layer).
 
     ``z_i = RQS(x_i; theta_i(x_<i))``, a monotonic spline on ``[-B, B]`` and the identity
-    outside; ``logdet = sum_i log RQS'(x_i)``. See :func:`flows.splines.rational_quadratic_spline`.
+    outside; ``logdet = sum_i log RQS'(x_i)`` (:class:`flows.maps.SplineMap`).
 
     Accepts ``(B, D)``. ``forward`` is one MADE pass, ``inverse`` ``D`` passes, each
     spline inverted in closed form. The MADE outputs ``3K - 1`` parameters per feature
-    (``K`` widths, ``K`` heights, ``K - 1`` interior derivatives); zero-initialised, a
+    (``K`` widths, ``K`` heights, ``K - 1`` interior derivatives); zero-initialized, a
     new layer is the identity.
 
     Args:
         features: ``D``.
-        hidden_features, num_blocks, order, seed, residual, context_features: see :class:`MADE`.
+        hidden_features, num_blocks, order, seed, residual, context_features, dropout:
+            see :class:`MADE`.
         num_bins: ``K``.
         tail_bound: ``B``.
 
@@ -361,20 +378,9 @@ class RQSplineAutoregressive(Autoregressive):
         seed: int | None = None,
         residual: bool = False,
         context_features: int = 0,
+        dropout: float = 0.0,
     ) -> None:
-        if not isinstance(num_bins, int) or num_bins < 1:
-            raise ValueError(f"RQSplineAutoregressive num_bins must be an integer >= 1, got {num_bins!r}")
-        if tail_bound <= 0:
-            raise ValueError(f"RQSplineAutoregressive tail_bound must be > 0, got {tail_bound}")
         super().__init__(
-            features, spline_param_count(num_bins), hidden_features, num_blocks, order, seed, residual,
-            context_features,
+            features, SplineMap(num_bins, tail_bound), hidden_features, num_blocks, order, seed, residual,
+            context_features, dropout,
         )
-        self.num_bins = num_bins
-        self.tail_bound = tail_bound
-
-    def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return packed_spline(x, params, inverse=False, tail_bound=self.tail_bound)
-
-    def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return packed_spline(y, params, inverse=True, tail_bound=self.tail_bound)

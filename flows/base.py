@@ -14,17 +14,48 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Flow", "InverseNotAvailable", "Sequential", "Inverse", "InverseFlow", "zero_logdet"]
+__all__ = [
+    "Flow", "InverseNotAvailable", "Sequential", "Inverse", "InverseFlow",
+    "zero_logdet", "sum_per_sample", "constant_logdet", "logdet_dtype",
+]
 
 
 class InverseNotAvailable(NotImplementedError):
     """Raised by ``inverse`` of a flow that has no closed-form inverse."""
 
 
+def logdet_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a logdet is kept in: ``dtype`` widened to at least float32.
+
+    Under mixed precision a layer computes in bf16/fp16; summing its per-entry terms in
+    half precision would lose the small ones, so every logdet is summed and kept wide.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def zero_logdet(x: Tensor) -> Tensor:
     """A ``(batch,)`` tensor of zeros in float32 or wider, on ``x``'s device."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+    return torch.zeros(x.shape[0], dtype=logdet_dtype(x.dtype), device=x.device)
+
+
+def sum_per_sample(values: Tensor) -> Tensor:
+    """``(B, ...)`` per-entry log-derivatives summed per sample: a ``(B,)`` logdet.
+
+    The sum runs in float32 or wider (:func:`logdet_dtype`), never in half precision.
+    """
+    return values.reshape(values.shape[0], -1).sum(1, dtype=logdet_dtype(values.dtype))
+
+
+def constant_logdet(value: Tensor | float, x: Tensor) -> Tensor:
+    """A logdet that is the same for every sample of ``x``: ``value`` as a ``(B,)`` tensor.
+
+    ``value`` is a number or a 0-d tensor (e.g. ``H*W * sum(log_scale)``); a tensor keeps
+    its autograd graph, and the result is an expanded view (no copy per sample).
+    """
+    dtype = logdet_dtype(x.dtype)
+    if not isinstance(value, Tensor):
+        return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+    return value.to(logdet_dtype(value.dtype)).expand(x.shape[0])
 
 
 def spatial_size(x: Tensor) -> int:
@@ -38,8 +69,8 @@ def spatial_size(x: Tensor) -> int:
 def accumulate(total: Tensor, logdet: Tensor) -> Tensor:
     """Adds a layer's logdet to a running total, never narrower than float32.
 
-    Under mixed precision a layer may return a bf16/fp16 logdet; summing those in
-    half precision loses the small per-layer terms, so the total is kept wide.
+    A layer's logdet is already wide (:func:`logdet_dtype`); the cast only guards
+    layers written elsewhere.
     """
     return total + logdet.to(total.dtype)
 
@@ -54,7 +85,14 @@ class Flow(nn.Module):
 
     A flow may declare the sparsity of its per-sample Jacobian by overriding
     :meth:`jacobian_mask`; :func:`flows.jacobian.check_flow` then verifies it.
+
+    Attributes:
+        iterative_inverse: ``True`` for a flow whose ``inverse`` is not one closed-form
+            step (an autoregressive layer's takes ``D`` passes); memory-saving
+            backpropagation, which recomputes inputs through ``inverse``, checks it.
     """
+
+    iterative_inverse: bool = False
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
@@ -100,6 +138,10 @@ class Sequential(Flow):
 
     def __len__(self) -> int:
         return len(self.flows)
+
+    @property
+    def iterative_inverse(self) -> bool:  # type: ignore[override]
+        return any(flow.iterative_inverse for flow in self.flows)
 
     def __iter__(self) -> Iterator[Flow]:
         return iter(self.flows)

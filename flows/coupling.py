@@ -1,18 +1,17 @@
 """Coupling layers: the input is split by a mask; one part conditions an elementwise
 invertible map of the other. Additive (NICE), affine (RealNVP / Glow) and
-rational-quadratic spline (NSF) couplings."""
+rational-quadratic spline (NSF) couplings, and any :mod:`flows.maps` map."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows._checks import check_context, check_input
-from flows.base import Flow, zero_logdet
-from flows.splines import packed_spline, spline_param_count
+from flows.base import Flow, sum_per_sample, zero_logdet
+from flows.maps import AdditiveMap, AffineMap, ElementwiseMap, SplineMap
+from flows.validation import check_context, check_input
 
 __all__ = ["Coupling", "AdditiveCoupling", "AffineCoupling", "RQSplineCoupling", "checkerboard"]
 
@@ -33,7 +32,8 @@ def checkerboard(shape: tuple[int, ...], parity: int = 0) -> Tensor:
 
 
 class Coupling(Flow):
-    """Base of the coupling layers: owns the mask, the conditioner and split / merge.
+    """A coupling layer: ``y_b = m(x_b; theta(x_a, context))``, ``y_a = x_a``, for any
+    elementwise map ``m`` (:mod:`flows.maps`); ``logdet = sum log|m'(x_b)|``.
 
     ``mask="channel"`` splits dim 1 into halves (for odd counts the halves differ by
     one); the conditioner sees the untouched half (plus context) and outputs the
@@ -41,79 +41,83 @@ class Coupling(Flow):
     vectors or pixels of images; the conditioner sees the whole input with the
     transformed entries zeroed (RealNVP's ``b * x``) and outputs parameters for every
     entry, of which the masked ones are used. ``parity=1`` swaps the two parts.
-    Subclasses implement :meth:`transform` and :meth:`inverse_transform`, elementwise
-    maps given parameters of shape ``(*x.shape, params_per_feature)``.
+    The Jacobian is triangular up to a permutation (declared by :meth:`jacobian_mask`).
+
+    Accepts ``(B, D)`` or ``(B, C, H, W)``. The concrete layers below fix the map; use
+    this class directly for a map of your own.
 
     Args:
-        num_features: size of dim 1 of ``(B, D)`` or ``(B, C, H, W)`` inputs.
+        features: size of dim 1 (``D``, or ``C`` for images).
         subnet: factory ``(in_features, out_features) -> nn.Module`` for the conditioner.
+        elementwise: the map applied to the transformed entries.
         mask: ``"channel"`` or ``"checkerboard"``.
         parity: 0 or 1, which part is transformed.
         context_features: size ``K`` of a ``(B, K)`` context concatenated to the
             conditioner's input (broadcast over space for images); 0 for none.
-        params_per_feature: parameters the elementwise map takes per entry.
+
+    Example:
+        >>> import torch, flows
+        >>> layer = flows.Coupling(4, flows.nets.MLP, flows.maps.AffineMap(clamp=3.0))
+        >>> x = torch.randn(8, 4)
+        >>> z, logdet = layer(x)
+        >>> torch.allclose(layer.inverse(z)[0], x), logdet.shape
+        (True, torch.Size([8]))
     """
 
     def __init__(
         self,
-        num_features: int,
+        features: int,
         subnet: SubnetFactory,
+        elementwise: ElementwiseMap,
         mask: str = "channel",
         parity: int = 0,
         context_features: int = 0,
-        params_per_feature: int = 1,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        if not isinstance(elementwise, ElementwiseMap):
+            raise TypeError(f"{name} expects a flows.maps.ElementwiseMap, got {type(elementwise).__name__}")
         if mask not in ("channel", "checkerboard"):
             raise ValueError(f"{name} mask must be 'channel' or 'checkerboard', got {mask!r}")
         if parity not in (0, 1):
             raise ValueError(f"{name} parity must be 0 or 1, got {parity!r}")
-        if num_features < 2 and mask == "channel":
-            raise ValueError(f"{name} with a channel mask needs num_features >= 2, got {num_features}")
-        self.num_features = num_features
+        if features < 2 and mask == "channel":
+            raise ValueError(f"{name} with a channel mask needs features >= 2, got {features}")
+        self.features = features
+        self.elementwise = elementwise
         self.mask = mask
         self.parity = parity
         self.context_features = context_features
-        self.params_per_feature = params_per_feature
         self._masks: dict[tuple, Tensor] = {}  # checkerboard masks by (shape, device, inference mode)
-        half = num_features // 2
+        half = features // 2
         # parity 0 transforms the second half [half, D), parity 1 the first [0, half).
         self._transformed = slice(half, None) if parity == 0 else slice(0, half)
-        self._channel_split = (half, num_features - half)  # (first, second) part sizes on dim 1
+        self._channel_split = (half, features - half)  # (first, second) part sizes on dim 1
         if mask == "channel":
             n_in = self._channel_split[parity]  # the conditioning part: first for parity 0
-            n_out = num_features - n_in
+            n_out = features - n_in
         else:
-            n_in, n_out = num_features, num_features
-        self.subnet = subnet(n_in + context_features, n_out * params_per_feature)
-
-    def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Elementwise map of the transformed entries: ``(y, log|dy/dx| per entry or None)``."""
-        raise NotImplementedError
-
-    def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Inverse of :meth:`transform`: ``(x, log|dx/dy| per entry or None)``."""
-        raise NotImplementedError
+            n_in, n_out = features, features
+        self.subnet = subnet(n_in + context_features, n_out * elementwise.param_count)
 
     def _params(self, conditioner_input: Tensor, context: Tensor | None) -> Tensor:
-        """Runs the conditioner; returns ``(B, n, *spatial, params_per_feature)``."""
+        """Runs the conditioner; returns ``(B, n, *spatial, param_count)``."""
         if self.context_features:
             ctx = context.view(*context.shape, *([1] * (conditioner_input.dim() - 2)))
             ctx = ctx.expand(-1, -1, *conditioner_input.shape[2:])  # (B, K, H, W) for images
             conditioner_input = torch.cat([conditioner_input, ctx.to(conditioner_input.dtype)], 1)
         h = self.subnet(conditioner_input)  # (B, n * P, *spatial)
-        h = h.reshape(h.shape[0], -1, self.params_per_feature, *h.shape[2:])  # (B, n, P, *spatial)
+        h = h.reshape(h.shape[0], -1, self.elementwise.param_count, *h.shape[2:])  # (B, n, P, *spatial)
         return h.movedim(2, -1)
 
     def _validate(self, x: Tensor, context: Tensor | None) -> None:
         name = type(self).__name__
-        check_input(name, x, self.num_features)
+        check_input(name, x, self.features)
         check_context(name, context, self.context_features, x.shape[0])
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._validate(x, context)
-        elementwise = self.inverse_transform if inverse else self.transform
+        elementwise = self.elementwise.inverse if inverse else self.elementwise.forward
         if self.mask == "channel":
             # One split (its backward is one cat) rather than two slices (each of whose
             # backward fills a zero tensor of the input's size).
@@ -130,8 +134,7 @@ class Coupling(Flow):
             selected = None if log_derivative is None else torch.where(m, log_derivative, 0.0)
         if selected is None:
             return y, zero_logdet(x)
-        logdet = selected.flatten(1).sum(1)
-        return y, logdet.to(torch.promote_types(logdet.dtype, torch.float32))
+        return y, sum_per_sample(selected)
 
     def _checkerboard_on(self, x: Tensor) -> Tensor:
         """The ``(1, *sample shape)`` checkerboard on ``x``'s device, built once per shape.
@@ -173,6 +176,9 @@ class AdditiveCoupling(Coupling):
 
     Inputs ``(B, D)`` or ``(B, C, H, W)``; see :class:`Coupling` for masks and context.
 
+    Args:
+        features, subnet, mask, parity, context_features: see :class:`Coupling`.
+
     References:
         Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation",
         ICLR 2015 workshop, arXiv:1410.8516.
@@ -187,31 +193,25 @@ class AdditiveCoupling(Coupling):
 
     def __init__(
         self,
-        num_features: int,
+        features: int,
         subnet: SubnetFactory,
         mask: str = "channel",
         parity: int = 0,
         context_features: int = 0,
     ) -> None:
-        super().__init__(num_features, subnet, mask, parity, context_features, params_per_feature=1)
-
-    def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, None]:
-        return x + params.squeeze(-1), None
-
-    def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, None]:
-        return y - params.squeeze(-1), None
+        super().__init__(features, subnet, AdditiveMap(), mask, parity, context_features)
 
 
 class AffineCoupling(Coupling):
-    """Affine coupling (RealNVP, Glow): ``y_b = x_b * scale(x_a) + shift(x_a)``;
-    ``logdet = sum log scale`` over the transformed entries.
+    """Affine coupling (RealNVP, Glow): ``y_b = x_b * exp(s(x_a)) + t(x_a)``;
+    ``logdet = sum s`` over the transformed entries (:class:`flows.maps.AffineMap`).
 
-    ``scale="exp"`` uses a soft-clamped exponential ``exp(c * tanh(h / c))`` (bounded
-    by ``e^±c``; the identity at ``h = 0``, so a zero-initialised subnet starts as the
-    identity). ``scale="sigmoid"`` is Glow's ``sigmoid(h + 2)``, in ``(0, 1)``.
+    ``scale="exp"`` soft-clamps the log-scale, ``s = c * tanh(h / c)`` (the identity at
+    ``h = 0``, so a zero-initialized subnet starts as the identity). ``scale="sigmoid"``
+    is Glow's ``exp(s) = sigmoid(h + 2)``, in ``(0, 1)``.
 
     Args:
-        num_features, subnet, mask, parity, context_features: see :class:`Coupling`.
+        features, subnet, mask, parity, context_features: see :class:`Coupling`.
         scale: ``"exp"`` or ``"sigmoid"``.
         clamp: ``c`` of the soft clamp.
 
@@ -230,7 +230,7 @@ class AffineCoupling(Coupling):
 
     def __init__(
         self,
-        num_features: int,
+        features: int,
         subnet: SubnetFactory,
         mask: str = "channel",
         parity: int = 0,
@@ -238,42 +238,20 @@ class AffineCoupling(Coupling):
         scale: str = "exp",
         clamp: float = 2.0,
     ) -> None:
-        if scale not in ("exp", "sigmoid"):
-            raise ValueError(f"AffineCoupling scale must be 'exp' or 'sigmoid', got {scale!r}")
-        super().__init__(num_features, subnet, mask, parity, context_features, params_per_feature=2)
-        self.scale = scale
-        self.clamp = clamp
-
-    def _shift_log_scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        # Unbound on the dim where the conditioner laid them out (``_params`` moved it last as
-        # a view), so backward stacks the two gradients straight into the conditioner's
-        # layout: one stack, no zero-filled selects, no copy to make it contiguous again.
-        shift, h = params.movedim(-1, 2).unbind(2)
-        if self.scale == "sigmoid":
-            return shift, F.logsigmoid(h + 2.0)
-        return shift, self.clamp * torch.tanh(h / self.clamp)
-
-    def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift, log_scale = self._shift_log_scale(params)
-        return x * log_scale.exp() + shift, log_scale
-
-    def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        shift, log_scale = self._shift_log_scale(params)
-        return (y - shift) * torch.exp(-log_scale), -log_scale
+        super().__init__(features, subnet, AffineMap(scale, clamp), mask, parity, context_features)
 
 
 class RQSplineCoupling(Coupling):
     """Rational-quadratic spline coupling (NSF): ``y_b = RQS(x_b; theta(x_a))``;
-    ``logdet = sum log RQS'(x_b)`` over the transformed entries.
+    ``logdet = sum log RQS'(x_b)`` over the transformed entries (:class:`flows.maps.SplineMap`).
 
     Each transformed entry gets a monotonic spline with ``num_bins`` bins on
-    ``[-tail_bound, tail_bound]`` and the identity outside (see
-    :func:`flows.splines.rational_quadratic_spline`); the conditioner outputs
-    ``3 * num_bins - 1`` parameters per entry. A zero-initialised subnet gives uniform
+    ``[-tail_bound, tail_bound]`` and the identity outside; the conditioner outputs
+    ``3 * num_bins - 1`` parameters per entry. A zero-initialized subnet gives uniform
     bins with unit derivatives: the identity.
 
     Args:
-        num_features, subnet, mask, parity, context_features: see :class:`Coupling`.
+        features, subnet, mask, parity, context_features: see :class:`Coupling`.
         num_bins: bins ``K`` of each spline.
         tail_bound: ``B``; inputs outside ``[-B, B]`` pass unchanged.
 
@@ -291,7 +269,7 @@ class RQSplineCoupling(Coupling):
 
     def __init__(
         self,
-        num_features: int,
+        features: int,
         subnet: SubnetFactory,
         mask: str = "channel",
         parity: int = 0,
@@ -299,16 +277,4 @@ class RQSplineCoupling(Coupling):
         num_bins: int = 8,
         tail_bound: float = 3.0,
     ) -> None:
-        if num_bins < 1:
-            raise ValueError(f"RQSplineCoupling needs num_bins >= 1, got {num_bins}")
-        super().__init__(
-            num_features, subnet, mask, parity, context_features, params_per_feature=spline_param_count(num_bins)
-        )
-        self.num_bins = num_bins
-        self.tail_bound = tail_bound
-
-    def transform(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return packed_spline(x, params, inverse=False, tail_bound=self.tail_bound)
-
-    def inverse_transform(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        return packed_spline(y, params, inverse=True, tail_bound=self.tail_bound)
+        super().__init__(features, subnet, SplineMap(num_bins, tail_bound), mask, parity, context_features)

@@ -12,22 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flows._checks import check_input
-from flows.base import Flow
+from flows.base import Flow, constant_logdet, sum_per_sample
+from flows.validation import check_input
 
 __all__ = ["ScalarAffine", "Logit"]
-
-
-def _per_sample_constant(value: float, x: Tensor) -> Tensor:
-    """``value`` times the per-sample size, as a ``(batch,)`` logdet."""
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    return torch.full((x.shape[0],), value * x[0].numel(), dtype=dtype, device=x.device)
 
 
 class ScalarAffine(Flow):
     """``y = x * scale + shift`` elementwise; ``logdet = D * log|scale|``.
 
-    For example ``ScalarAffine(1 / 256)`` maps dequantised 8-bit levels ``[0, 256)`` to
+    For example ``ScalarAffine(1 / 256)`` maps dequantized 8-bit levels ``[0, 256)`` to
     ``[0, 1)``, so the model's likelihood is of the data in level units.
 
     Args:
@@ -50,11 +44,11 @@ class ScalarAffine(Flow):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_input("ScalarAffine", x, ranks=(2, 3, 4))
-        return x * self.scale + self.shift, _per_sample_constant(math.log(abs(self.scale)), x)
+        return x * self.scale + self.shift, constant_logdet(math.log(abs(self.scale)) * math.prod(x.shape[1:]), x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_input("ScalarAffine", y, ranks=(2, 3, 4))
-        return (y - self.shift) / self.scale, _per_sample_constant(-math.log(abs(self.scale)), y)
+        return (y - self.shift) / self.scale, constant_logdet(-math.log(abs(self.scale)) * math.prod(y.shape[1:]), y)
 
     def jacobian_mask(self, shape: tuple[int, ...]) -> Tensor:
         return torch.eye(torch.Size(shape).numel(), dtype=torch.bool)
@@ -96,18 +90,13 @@ class Logit(Flow):
         y = torch.log(s) - torch.log1p(-s)
         # log ds/dx + log dy/ds, with log dy/ds = -log s - log(1 - s) = softplus(-y) + softplus(y).
         log_derivative = math.log(1 - 2 * self.alpha) + F.softplus(-y) + F.softplus(y)
-        return y, self._sum(log_derivative)
+        return y, sum_per_sample(log_derivative)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_input("Logit", y, ranks=(2, 3, 4))
         x = (torch.sigmoid(y) - self.alpha) / (1 - 2 * self.alpha)
         log_derivative = math.log(1 - 2 * self.alpha) + F.softplus(-y) + F.softplus(y)
-        return x, -self._sum(log_derivative)
-
-    @staticmethod
-    def _sum(log_derivative: Tensor) -> Tensor:
-        total = log_derivative.flatten(1).sum(1)
-        return total.to(torch.promote_types(total.dtype, torch.float32))
+        return x, -sum_per_sample(log_derivative)
 
     def jacobian_mask(self, shape: tuple[int, ...]) -> Tensor:
         return torch.eye(torch.Size(shape).numel(), dtype=torch.bool)

@@ -46,7 +46,7 @@ def jacobian(flow: Flow, x: Tensor, context: Tensor | None = None) -> Tensor:
     falls back to ``torch.autograd.functional.jacobian`` one sample at a time.
 
     Args:
-        flow: any flow; data-dependent initialisation (ActNorm) should have run already.
+        flow: any flow; data-dependent initialization (ActNorm) should have run already.
         x: ``(B, ...)`` input.
         context: optional ``(B, K)`` context.
     """
@@ -139,7 +139,7 @@ def check_flow(
     minus the forward's; (5) the batch Jacobian is block-diagonal (samples do not
     interact); (6) a structure declared by ``flow.jacobian_mask`` really holds.
     Run it in float64 for tight tolerances. The flow is called once before the
-    Jacobians are taken, so data-dependent initialisation (ActNorm) happens first.
+    Jacobians are taken, so data-dependent initialization (ActNorm) happens first.
 
     Args:
         flow: the flow to check.

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows._checks import check_input
-from flows.base import Flow, spatial_size, zero_logdet
+from flows.base import Flow, constant_logdet, spatial_size, zero_logdet
+from flows.validation import check_input
 
 __all__ = ["InvConv1x1", "Permutation", "Reverse"]
 
@@ -28,7 +28,7 @@ class _WeightCache:
     """Holds tensors derived from weights alone, valid while the weights are unchanged.
 
     The key records each parameter's in-place version counter and storage, so an
-    optimiser step, ``load_state_dict`` or ``.to()`` invalidates it without a host sync.
+    optimizer step, ``load_state_dict`` or ``.to()`` invalidates it without a host sync.
     """
 
     def __init__(self) -> None:
@@ -51,13 +51,13 @@ class InvConv1x1(Flow):
     fixed permutation, ``L`` unit lower-triangular and ``U`` strictly upper-triangular, so
     ``log|det W| = sum(log_s)`` costs ``O(C)`` and the inverse comes from two triangular
     solves. With ``lu=False`` ``W`` is a full matrix and ``log|det W|`` is its ``slogdet``.
-    Initialised to a random rotation. In eval mode the weight and its inverse are cached
+    Initialized to a random rotation. In eval mode the weight and its inverse are cached
     (detached from autograd) until a parameter changes; train mode recomputes them (the
     inverse only when ``inverse`` is called).
 
     Args:
-        num_channels: ``C``; inputs are ``(B, C)`` or ``(B, C, H, W)``.
-        lu: use the LU parametrisation.
+        features: ``C`` (the size of dim 1); inputs are ``(B, C)`` or ``(B, C, H, W)``.
+        lu: use the LU parametrization.
         seed: seed of the random rotation (``None``: the global generator).
 
     References:
@@ -73,14 +73,14 @@ class InvConv1x1(Flow):
         True
     """
 
-    def __init__(self, num_channels: int, lu: bool = True, seed: int | None = None) -> None:
+    def __init__(self, features: int, lu: bool = True, seed: int | None = None) -> None:
         super().__init__()
-        if num_channels < 1:
-            raise ValueError(f"InvConv1x1 needs num_channels >= 1, got {num_channels}")
-        self.num_channels = num_channels
+        if features < 1:
+            raise ValueError(f"InvConv1x1 needs features >= 1, got {features}")
+        self.features = features
         self.lu = lu
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        rotation, _ = torch.linalg.qr(torch.randn(num_channels, num_channels, generator=generator))
+        rotation, _ = torch.linalg.qr(torch.randn(features, features, generator=generator))
         if lu:
             self._init_lu(rotation)
         else:
@@ -100,7 +100,7 @@ class InvConv1x1(Flow):
 
     def _factors(self) -> tuple[Tensor, Tensor]:
         """Unit lower ``L`` and upper ``U + diag(sign * exp(log_s))``."""
-        eye = torch.eye(self.num_channels, dtype=self.lower.dtype, device=self.lower.device)
+        eye = torch.eye(self.features, dtype=self.lower.dtype, device=self.lower.device)
         lower = self.lower * self.lower_mask + eye
         upper = torch.triu(self.upper, 1) + torch.diag(self.sign_s * self.log_s.exp())
         return lower, upper
@@ -114,7 +114,7 @@ class InvConv1x1(Flow):
         if not inverse:
             # P L U with P a permutation matrix: permuting rows, no matmul needed.
             return (lower @ upper)[self.permutation_index], self.log_s.sum()
-        eye = torch.eye(self.num_channels, dtype=lower.dtype, device=lower.device)
+        eye = torch.eye(self.features, dtype=lower.dtype, device=lower.device)
         # W^-1 = U^-1 L^-1 P^T by two triangular solves: O(C^3 / 3) each, no dense inverse.
         lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
         inverse_weight = torch.linalg.solve_triangular(upper, lower_inv, upper=True)
@@ -132,26 +132,25 @@ class InvConv1x1(Flow):
         return cache.value
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("InvConv1x1", x, self.num_channels)
+        check_input("InvConv1x1", x, self.features)
         weight, log_abs_det = self._weights(inverse=False)
         return _apply_channel_matrix(weight, x), self._logdet(log_abs_det, x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("InvConv1x1", y, self.num_channels)
+        check_input("InvConv1x1", y, self.features)
         inverse_weight, log_abs_det = self._weights(inverse=True)
         return _apply_channel_matrix(inverse_weight, y), -self._logdet(log_abs_det, y)
 
     @staticmethod
     def _logdet(log_abs_det: Tensor, x: Tensor) -> Tensor:
-        total = log_abs_det * spatial_size(x)
-        return total.to(torch.promote_types(total.dtype, torch.float32)).expand(x.shape[0])
+        return constant_logdet(log_abs_det * spatial_size(x), x)
 
 
 class Permutation(Flow):
     """A fixed permutation of dim 1: ``y[:, i] = x[:, perm[i]]``; ``logdet = 0``.
 
     Args:
-        num_features: size of dim 1; inputs ``(B, D)`` or ``(B, C, H, W)``.
+        features: size of dim 1; inputs ``(B, D)`` or ``(B, C, H, W)``.
         seed: seed of the random permutation (``None``: the global generator).
 
     Example:
@@ -162,20 +161,20 @@ class Permutation(Flow):
         True
     """
 
-    def __init__(self, num_features: int, seed: int | None = None) -> None:
+    def __init__(self, features: int, seed: int | None = None) -> None:
         super().__init__()
         generator = None if seed is None else torch.Generator().manual_seed(seed)
-        permutation = torch.randperm(num_features, generator=generator)
-        self.num_features = num_features
+        permutation = torch.randperm(features, generator=generator)
+        self.features = features
         self.register_buffer("permutation", permutation)
         self.register_buffer("inverse_permutation", torch.argsort(permutation))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("Permutation", x, self.num_features)
+        check_input("Permutation", x, self.features)
         return x[:, self.permutation], zero_logdet(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("Permutation", y, self.num_features)
+        check_input("Permutation", y, self.features)
         return y[:, self.inverse_permutation], zero_logdet(y)
 
 
@@ -190,12 +189,12 @@ class Reverse(Flow):
         tensor([[3., 2., 1.]])
     """
 
-    def __init__(self, num_features: int | None = None) -> None:
+    def __init__(self, features: int | None = None) -> None:
         super().__init__()
-        self.num_features = num_features
+        self.features = features
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("Reverse", x, self.num_features)
+        check_input("Reverse", x, self.features)
         return x.flip(1), zero_logdet(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -4,24 +4,44 @@ Pass the class itself, or ``functools.partial`` of it to set sizes::
 
     flows.AffineCoupling(8, functools.partial(flows.nets.MLP, hidden_features=128))
 
-The last layer of each is zero-initialised, so a new coupling starts as the identity.
+The last layer of each is zero-initialized, so a new coupling starts as the identity.
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["MLP", "GlowConvNet", "ZeroConv"]
+__all__ = ["MLP", "ResidualBlock", "GlowConvNet", "ZeroConv"]
+
+
+class ResidualBlock(nn.Module):
+    """``h + W2 dropout(act(W1 act(h))))``: a hidden block with a skip connection."""
+
+    def __init__(self, features: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.first = nn.Linear(features, features)
+        self.second = nn.Linear(features, features)
+        self.activation = nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return h + self.second(self.dropout(self.activation(self.first(self.activation(h)))))
 
 
 class MLP(nn.Sequential):
     """Fully connected net ``(B, in_features) -> (B, out_features)`` with ReLU.
 
+    An input layer to ``hidden_features``, ``num_blocks`` hidden blocks, then the output
+    layer: ``num_blocks + 1`` hidden layers when plain. A block is one hidden layer, or
+    with ``residual`` two with a skip connection (NSF's residual conditioner).
+
     Args:
         in_features: input size.
         out_features: output size.
         hidden_features: width of the hidden layers.
-        num_layers: number of hidden layers.
+        num_blocks: hidden blocks between the input layer and the output layer.
+        residual: use residual blocks.
+        dropout: probability of dropping a hidden unit in each block (training only).
         zero_init: zero the last layer (the coupling starts as the identity).
 
     Example:
@@ -35,15 +55,25 @@ class MLP(nn.Sequential):
         in_features: int,
         out_features: int,
         hidden_features: int = 64,
-        num_layers: int = 2,
+        num_blocks: int = 1,
+        residual: bool = False,
+        dropout: float = 0.0,
         zero_init: bool = True,
     ) -> None:
-        layers: list[nn.Module] = []
-        width = in_features
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_features), nn.ReLU()]
-            width = hidden_features
-        last = nn.Linear(width, out_features)
+        if not isinstance(num_blocks, int) or num_blocks < 0:
+            raise ValueError(f"MLP num_blocks must be an integer >= 0, got {num_blocks!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"MLP dropout must be in [0, 1), got {dropout!r}")
+        layers: list[nn.Module] = [nn.Linear(in_features, hidden_features)]
+        if residual:
+            layers += [ResidualBlock(hidden_features, dropout) for _ in range(num_blocks)]
+            layers.append(nn.ReLU())
+        else:
+            layers.append(nn.ReLU())
+            for _ in range(num_blocks):
+                layers += [nn.Dropout(dropout)] if dropout else []
+                layers += [nn.Linear(hidden_features, hidden_features), nn.ReLU()]
+        last = nn.Linear(hidden_features, out_features)
         if zero_init:
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
@@ -51,7 +81,7 @@ class MLP(nn.Sequential):
 
 
 class GlowConvNet(nn.Sequential):
-    """Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, 3x3 conv (zero-initialised).
+    """Glow's coupling network: 3x3 conv, ReLU, 1x1 conv, ReLU, 3x3 conv (zero-initialized).
 
     Maps ``(B, in_features, H, W) -> (B, out_features, H, W)``.
 
@@ -90,7 +120,7 @@ class GlowConvNet(nn.Sequential):
 
 
 class ZeroConv(nn.Conv2d):
-    """One zero-initialised 3x3 convolution, ``(B, in, H, W) -> (B, out, H, W)``.
+    """One zero-initialized 3x3 convolution, ``(B, in, H, W) -> (B, out, H, W)``.
 
     Glow's network for the learned prior of a factored-out half (``flows.Split``): it
     starts at zero, so the prior starts standard normal.

@@ -1,4 +1,4 @@
-"""Activation normalisation (Glow's ActNorm)."""
+"""Activation normalization (Glow's ActNorm)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from flows._checks import check_input
-from flows.base import Flow, spatial_size
+from flows.base import Flow, constant_logdet, spatial_size
+from flows.validation import check_input
 
 __all__ = ["ActNorm"]
 
@@ -18,7 +18,7 @@ def _channel_view(t: Tensor, x: Tensor) -> Tensor:
 
 
 class ActNorm(Flow):
-    """Per-channel affine normalisation with data-dependent initialisation.
+    """Per-channel affine normalization with data-dependent initialization.
 
     ``y = (x + bias) * exp(log_scale)``, per channel on dim 1;
     ``logdet = H*W * sum(log_scale)`` (``H*W = 1`` for vectors).
@@ -26,12 +26,12 @@ class ActNorm(Flow):
     Accepts ``(B, C)`` and ``(B, C, H, W)``. On the first ``forward`` in training mode
     (or an explicit :meth:`initialize`) bias and scale are set so that the output has
     zero mean and unit variance per channel; statistics are averaged over all processes
-    when ``torch.distributed`` is initialised. A channel with zero variance keeps scale
-    1. Whether it is initialised is a persistent buffer, so a loaded model is never
-    re-initialised; a Python mirror of it avoids a host sync on every call.
+    when ``torch.distributed`` is initialized. A channel with zero variance keeps scale
+    1. Whether it is initialized is a persistent buffer, so a loaded model is never
+    re-initialized; a Python mirror of it avoids a host sync on every call.
 
     Args:
-        num_features: channels ``C``.
+        features: channels ``C`` (the size of dim 1).
         eps: standard deviations below this count as zero variance.
 
     References:
@@ -46,14 +46,14 @@ class ActNorm(Flow):
         (True, torch.Size([16]))
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-6) -> None:
+    def __init__(self, features: int, eps: float = 1e-6) -> None:
         super().__init__()
-        if num_features < 1:
-            raise ValueError(f"ActNorm needs num_features >= 1, got {num_features}")
-        self.num_features = num_features
+        if features < 1:
+            raise ValueError(f"ActNorm needs features >= 1, got {features}")
+        self.features = features
         self.eps = eps
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.bias = nn.Parameter(torch.zeros(features))
+        self.log_scale = nn.Parameter(torch.zeros(features))
         self.register_buffer("initialized", torch.tensor(False))
         self._is_initialized = False
         self.register_load_state_dict_post_hook(_sync_initialized_flag)
@@ -64,16 +64,16 @@ class ActNorm(Flow):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Sets bias and scale from the batch ``x`` so its output is standardised per channel."""
-        check_input("ActNorm", x, self.num_features)
+        """Sets bias and scale from the batch ``x`` so its output is standardized per channel."""
+        check_input("ActNorm", x, self.features)
         dims = [d for d in range(x.dim()) if d != 1]
         x = x.double()
         count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=torch.float64)
         mean = _global_sum(x.sum(dims)) / _global_sum(count)
-        # Two passes (mean, then centred second moment) avoid the cancellation of E[x^2] - mean^2.
+        # Two passes (mean, then centered second moment) avoid the cancellation of E[x^2] - mean^2.
         var = _global_sum(((x - _channel_view(mean, x)) ** 2).sum(dims)) / _global_sum(count)
         std = var.sqrt()
-        # A constant channel has nothing to normalise: keep its scale at 1 rather than
+        # A constant channel has nothing to normalize: keep its scale at 1 rather than
         # dividing by zero (which would give inf, or a huge spurious logdet).
         log_scale = torch.where(std > self.eps, -torch.log(std.clamp_min(self.eps)), torch.zeros_like(std))
         self.bias.copy_(-mean.to(self.bias.dtype))
@@ -82,21 +82,19 @@ class ActNorm(Flow):
         self._is_initialized = True
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("ActNorm", x, self.num_features)
+        check_input("ActNorm", x, self.features)
         if self.training and not self._is_initialized:
             self.initialize(x)
         y = (x + _channel_view(self.bias, x)) * _channel_view(self.log_scale.exp(), x)
         return y, self._logdet(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("ActNorm", y, self.num_features)
+        check_input("ActNorm", y, self.features)
         x = y * _channel_view(torch.exp(-self.log_scale), y) - _channel_view(self.bias, y)
         return x, -self._logdet(y)
 
     def _logdet(self, x: Tensor) -> Tensor:
-        total = self.log_scale.sum() * spatial_size(x)
-        dtype = torch.promote_types(total.dtype, torch.float32)
-        return total.to(dtype).expand(x.shape[0])
+        return constant_logdet(self.log_scale.sum() * spatial_size(x), x)
 
     def jacobian_mask(self, shape: tuple[int, ...]) -> Tensor:
         size = torch.Size(shape).numel()
@@ -104,7 +102,7 @@ class ActNorm(Flow):
 
 
 def _global_sum(t: Tensor) -> Tensor:
-    """Sum over all processes when ``torch.distributed`` is initialised; ``t`` otherwise."""
+    """Sum over all processes when ``torch.distributed`` is initialized; ``t`` otherwise."""
     if dist.is_available() and dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)

@@ -8,8 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from flows._checks import check_input
-from flows.base import Flow, accumulate, zero_logdet
+from flows.base import Flow, accumulate, sum_per_sample, zero_logdet
+from flows.maps import AffineMap
+from flows.validation import check_input
 
 __all__ = ["Flatten", "Squeeze", "Split"]
 
@@ -102,24 +103,29 @@ class Split(Flow):
 
     With ``x = [x1, x2]`` split on dim 1 (``x1`` has ``kept`` channels):
     ``y = [flow(x1), prior(x2 | x1)]`` where the learned prior is Glow's conditional
-    affine map ``prior(x2 | x1) = (x2 - mu(x1)) * exp(-log_sigma(x1))`` (identity when
-    ``prior_net`` is ``None``, as in RealNVP). So the output has the input's shape, the
-    whole multi-scale model stays one bijection, and the base distribution is the only
-    distribution. ``logdet = logdet_flow - sum(log_sigma)``.
+    affine map ``prior(x2 | x1) = x2 * exp(s(x1)) + t(x1)`` (:class:`flows.maps.AffineMap`;
+    the identity when ``prior_net`` is ``None``, as in RealNVP). Glow writes it
+    ``(x2 - mu) / sigma``: the same map with ``s = -log sigma``, ``t = -mu / sigma``. So the
+    output has the input's shape, the whole multi-scale model stays one bijection, and
+    the base distribution is the only distribution. ``logdet = logdet_flow + sum(s)``.
 
-    Sampling inverts it exactly: ``x1 = flow^-1(y1)``, then ``x2 = mu(x1) + sigma(x1) * y2``
+    Sampling inverts it exactly: ``x1 = flow^-1(y1)``, then ``x2 = (y2 - t(x1)) exp(-s(x1))``
     with ``y2`` drawn from the base (scaled by the temperature there).
 
     Args:
         flow: the flow applied to the kept channels (the next levels), shape-preserving.
-        num_features: channels ``C`` of the input.
+        features: channels ``C`` of the input (the size of dim 1).
         kept: channels kept (default ``C // 2``).
-        prior_net: factory ``(kept, 2 * (C - kept)) -> nn.Module`` for ``mu, log_sigma``
-            (zero-initialised last layer: the prior starts standard normal), or ``None``.
+        prior_net: factory ``(kept, 2 * (C - kept)) -> nn.Module`` for the prior's
+            parameters (zero-initialized last layer: the prior starts standard normal),
+            or ``None``.
+        clamp: bound of the prior's log-scale ``s`` (the soft clamp of :class:`flows.maps.AffineMap`);
+            wider than a coupling's, since a factored-out part given the kept one may
+            legitimately have a small spread.
 
     Example:
         >>> import torch, flows
-        >>> split = flows.Split(flows.ActNorm(2), num_features=4)
+        >>> split = flows.Split(flows.ActNorm(2), features=4)
         >>> split(torch.randn(3, 4, 2, 2))[0].shape
         torch.Size([3, 4, 2, 2])
     """
@@ -127,47 +133,42 @@ class Split(Flow):
     def __init__(
         self,
         flow: Flow,
-        num_features: int,
+        features: int,
         kept: int | None = None,
         prior_net: Callable[[int, int], nn.Module] | None = None,
+        clamp: float = 8.0,
     ) -> None:
         super().__init__()
-        kept = num_features // 2 if kept is None else kept
-        if not 0 < kept < num_features:
-            raise ValueError(
-                f"Split needs 0 < kept < num_features, got kept={kept}, num_features={num_features}"
-            )
+        kept = features // 2 if kept is None else kept
+        if not 0 < kept < features:
+            raise ValueError(f"Split needs 0 < kept < features, got kept={kept}, features={features}")
         self.flow = flow
-        self.num_features = num_features
+        self.features = features
         self.kept = kept
-        self.prior = None if prior_net is None else prior_net(kept, 2 * (num_features - kept))
+        self.elementwise = AffineMap("exp", clamp)
+        self.prior = None if prior_net is None else prior_net(kept, 2 * (features - kept))
 
-    def _prior_params(self, x1: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.prior(x1)
-        mu, log_sigma = h[:, 0::2], h[:, 1::2]
-        return mu, log_sigma
-
-    def _prior_logdet(self, log_sigma: Tensor) -> Tensor:
-        return log_sigma.flatten(1).sum(1).to(torch.promote_types(log_sigma.dtype, torch.float32))
+    def _prior_params(self, x1: Tensor) -> Tensor:
+        """The prior's ``(B, C - kept, *spatial, 2)`` parameters, shift then raw log-scale per channel."""
+        h = self.prior(x1)  # (B, 2 (C - kept), *spatial), channels interleaved (t_0, h_0, t_1, ...)
+        return h.reshape(h.shape[0], -1, 2, *h.shape[2:]).movedim(2, -1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("Split", x, self.num_features)
-        x1, x2 = x[:, : self.kept], x[:, self.kept :]
+        check_input("Split", x, self.features)
+        x1, x2 = x.split((self.kept, self.features - self.kept), dim=1)
         logdet = zero_logdet(x)
         if self.prior is not None:
-            mu, log_sigma = self._prior_params(x1)
-            x2 = (x2 - mu) * torch.exp(-log_sigma)
-            logdet = logdet - self._prior_logdet(log_sigma)
+            x2, log_derivative = self.elementwise.forward(x2, self._prior_params(x1))
+            logdet = logdet + sum_per_sample(log_derivative)
         y1, logdet1 = self.flow(x1, context)
         return torch.cat([y1, x2], dim=1), accumulate(logdet, logdet1)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        check_input("Split", y, self.num_features)
-        y1, y2 = y[:, : self.kept], y[:, self.kept :]
+        check_input("Split", y, self.features)
+        y1, y2 = y.split((self.kept, self.features - self.kept), dim=1)
         x1, logdet = self.flow.inverse(y1, context)
         logdet = accumulate(zero_logdet(y), logdet)
         if self.prior is not None:
-            mu, log_sigma = self._prior_params(x1)
-            y2 = y2 * torch.exp(log_sigma) + mu
-            logdet = logdet + self._prior_logdet(log_sigma)
+            y2, log_derivative = self.elementwise.inverse(y2, self._prior_params(x1))
+            logdet = logdet + sum_per_sample(log_derivative)
         return torch.cat([x1, y2], dim=1), logdet

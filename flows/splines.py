@@ -2,11 +2,11 @@
 
 A spline with ``K`` bins maps ``[-B, B]`` onto itself through ``K`` rational-quadratic
 pieces (Gregory & Delbourgo 1982) and is the identity outside it ("linear tails").
-It is parametrised per element by ``K`` unnormalised bin widths, ``K`` unnormalised
-bin heights and ``K - 1`` unnormalised derivatives at the interior knots; the
+It is parametrized per element by ``K`` unnormalized bin widths, ``K`` unnormalized
+bin heights and ``K - 1`` unnormalized derivatives at the interior knots; the
 derivatives at ``±B`` are fixed to 1, so the map is continuously differentiable
 across the tails. With all parameters zero the spline is the identity, so a
-zero-initialised conditioner starts a flow as the identity.
+zero-initialized conditioner starts a flow as the identity.
 
 References:
     Durkan, Bekasov, Murray & Papamakarios, "Neural Spline Flows", NeurIPS 2019,
@@ -181,7 +181,7 @@ def rational_quadratic_spline(
 
     Args:
         inputs: ``(...)`` any shape; ``x`` for the forward map, ``y`` for the inverse.
-        unnormalized_widths: ``(..., K)``, softmax-normalised to bin widths summing to ``2B``.
+        unnormalized_widths: ``(..., K)``, softmax-normalized to bin widths summing to ``2B``.
         unnormalized_heights: ``(..., K)``, likewise for bin heights.
         unnormalized_derivatives: ``(..., K - 1)``, the derivatives at the ``K - 1``
             interior knots through a shifted softplus (0 gives 1); the derivatives at

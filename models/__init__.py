@@ -1,7 +1,7 @@
 """jacflow's ready density models and experiment kit.
 
 Every model is a :class:`DensityModel`: a ``flows.FlowDistribution`` whose ``transform``
-maps data (dequantised, in level units for images) to a latent of the same shape,
+maps data (dequantized, in level units for images) to a latent of the same shape,
 preprocessing included, so ``log_prob`` is the density of the data as given.
 
 Build one by name and preset::
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import inspect
 
-from models.density import DensityModel
-from models.glow import Glow
-from models.maf import MAF
-from models.nice import NICE
-from models.nsf import NSF
-from models.realnvp import RealNVP
+from .density import DensityModel
+from .glow import Glow
+from .maf import MAF
+from .nice import NICE
+from .nsf import NSF
+from .realnvp import RealNVP
 
 __all__ = ["DensityModel", "NICE", "RealNVP", "Glow", "MAF", "NSF", "MODELS", "build_model"]
 
@@ -49,8 +49,8 @@ def build_model(
         name: a key of :data:`MODELS` (``"nice"``, ``"realnvp"``, ``"glow"``, ...).
         preset: a key of the model's ``PRESETS`` (e.g. ``"cifar10"``, ``"digits"``, ``"toy2d"``).
         in_shape: one sample's shape, ``(D,)`` for vectors or ``(C, H, W)`` for images.
-        num_levels: quantisation levels ``K`` of image data (the model then expects
-            dequantised values in ``[0, K)``); ``None`` for continuous data.
+        num_levels: quantization levels ``K`` of image data (the model then expects
+            dequantized values in ``[0, K)``); ``None`` for continuous data.
         context_features: size of a ``(B, K)`` conditioning context; 0 for none.
         **overrides: constructor arguments replacing the preset's.
 

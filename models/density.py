@@ -3,7 +3,7 @@
 A ready model is a ``flows.FlowDistribution`` with a standard-normal base whose
 ``transform`` is one bijection from data to a latent of the data's shape. For image
 data the transform starts with preprocessing flow layers that carry their exact
-log-determinant, so ``log_prob`` is the density of the data as given (dequantised
+log-determinant, so ``log_prob`` is the density of the data as given (dequantized
 values in level units, ``[0, K)``) and bits/dim is ``-log_prob / (D ln 2)``.
 """
 
@@ -32,7 +32,7 @@ class DensityModel(FlowDistribution):
     Args:
         transform: the whole bijection, data -> latent, preprocessing included.
         in_shape: one sample's shape, ``(D,)`` or ``(C, H, W)``.
-        num_levels: quantisation levels ``K`` the model expects, ``None`` for continuous data.
+        num_levels: quantization levels ``K`` the model expects, ``None`` for continuous data.
         config: the constructor arguments of the subclass.
     """
 
@@ -68,9 +68,9 @@ def check_in_shape(model: str, in_shape: tuple[int, ...] | list[int], downscale:
 
 
 def preprocessing(num_levels: int | None, kind: str, alpha: float = 0.05) -> list[Flow]:
-    """Layers taking dequantised levels ``[0, K)`` to the flow's working range.
+    """Layers taking dequantized levels ``[0, K)`` to the flow's working range.
 
-    ``ScalarAffine(1/K)`` to ``[0, 1)``, then ``kind="centre"`` (Glow: ``x - 0.5``) or
+    ``ScalarAffine(1/K)`` to ``[0, 1)``, then ``kind="center"`` (Glow: ``x - 0.5``) or
     ``kind="logit"`` (RealNVP, section 4.1: ``logit(alpha + (1 - 2 alpha) x)``). No layers
     when ``num_levels`` is ``None`` (continuous data).
     """
@@ -78,10 +78,10 @@ def preprocessing(num_levels: int | None, kind: str, alpha: float = 0.05) -> lis
         return []
     if num_levels < 2:
         raise ValueError(f"num_levels expected an integer >= 2 or None, got {num_levels}")
-    if kind not in ("centre", "logit"):
-        raise ValueError(f"preprocessing kind expected 'centre' or 'logit', got {kind!r}")
+    if kind not in ("center", "logit"):
+        raise ValueError(f"preprocessing kind expected 'center' or 'logit', got {kind!r}")
     to_unit = ScalarAffine(1.0 / num_levels)
-    if kind == "centre":
+    if kind == "center":
         return [to_unit, ScalarAffine(1.0, -0.5)]
     return [to_unit, Logit(alpha)]
 

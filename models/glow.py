@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from typing import Any, ClassVar
-
 
 import flows
 from flows.coupling import SubnetFactory
 from flows.nets import MLP, GlowConvNet, ZeroConv
-from models.density import DensityModel, check_in_shape, preprocessing
+
+from .density import DensityModel, check_in_shape, preprocessing
+from .multiscale import multiscale
 
 __all__ = ["Glow"]
 
@@ -29,27 +29,15 @@ def _steps(
     return layers
 
 
-def _level(channels: int, levels_left: int, steps: Callable[[int], list[flows.Flow]]) -> flows.Flow:
-    """Squeeze, steps, then (but at the last level) factor out half of the channels with
-    a learned prior and recurse on the rest; unsqueeze so the output keeps the shape."""
-    squeezed = 4 * channels
-    layers = [flows.Squeeze(), *steps(squeezed)]  # (B, 4C, H/2, W/2)
-    if levels_left > 1:
-        inner = _level(squeezed // 2, levels_left - 1, steps)
-        layers.append(flows.Split(inner, squeezed, kept=squeezed // 2, prior_net=ZeroConv))
-    layers.append(flows.Inverse(flows.Squeeze()))  # (B, C, H, W)
-    return flows.Sequential(*layers)
-
-
 class Glow(DensityModel):
     """Glow: ``num_scales`` levels of ``num_steps`` steps (ActNorm, 1x1 conv, coupling).
 
     Each step is ``y = coupling(W (x + b) * s)`` with ``logdet = H*W * (sum log|s| +
-    log|det W|) + sum log scale``. Images ``(B, C, H, W)``, dequantised levels in
-    ``[0, K)`` when ``num_levels=K``, are scaled by ``1/K`` and centred to
+    log|det W|) + sum log scale``. Images ``(B, C, H, W)``, dequantized levels in
+    ``[0, K)`` when ``num_levels=K``, are scaled by ``1/K`` and centered to
     ``[-0.5, 0.5)``; each level squeezes, runs its steps and (but the last) factors out
     half of the channels, whose prior ``N(mu(x1), sigma(x1)^2)`` is learned from the kept
-    half by a zero-initialised 3x3 conv, as the affine flow ``flows.Split``. ``H`` and
+    half by a zero-initialized 3x3 conv, as the affine flow ``flows.Split``. ``H`` and
     ``W`` must be divisible by ``2 ** num_scales``. The latent has the input's shape.
 
     Vectors ``(B, D)``: ``num_steps`` steps of ActNorm, InvConv1x1 (a linear layer) and
@@ -59,13 +47,13 @@ class Glow(DensityModel):
 
     Args:
         in_shape: one sample's shape, ``(D,)`` or ``(C, H, W)``.
-        num_levels: quantisation levels ``K``; ``None`` for continuous data (no preprocessing).
+        num_levels: quantization levels ``K``; ``None`` for continuous data (no preprocessing).
         num_scales: levels ``L`` of the multi-scale architecture.
         num_steps: steps per level (the paper's depth ``K``).
         hidden_features: channels (images) or units (vectors) of each coupling's net.
-        num_hidden_layers: hidden layers of each MLP conditioner (vectors).
+        num_blocks: hidden blocks of each MLP conditioner (vectors; see ``flows.nets.MLP``).
         context_features: size of a ``(B, K)`` context fed to every coupling; 0 for none.
-        lu: LU-parametrised 1x1 convolutions.
+        lu: LU-parametrized 1x1 convolutions.
         coupling: ``"affine"`` or ``"additive"``.
         scale: the affine coupling's scale, ``"sigmoid"`` (Glow) or ``"exp"``.
 
@@ -96,7 +84,7 @@ class Glow(DensityModel):
         # jacflow: 8x8 digits (1x8x8, K=17) on a 2-core CPU in minutes.
         "digits": dict(num_scales=2, num_steps=4, hidden_features=32),
         # jacflow: 2D toy densities.
-        "toy2d": dict(num_steps=8, hidden_features=64, num_hidden_layers=2),
+        "toy2d": dict(num_steps=8, hidden_features=64, num_blocks=1),
     }
 
     def __init__(
@@ -106,7 +94,7 @@ class Glow(DensityModel):
         num_scales: int = 3,
         num_steps: int = 32,
         hidden_features: int = 512,
-        num_hidden_layers: int = 2,
+        num_blocks: int = 1,
         context_features: int = 0,
         lu: bool = True,
         coupling: str = "affine",
@@ -125,16 +113,19 @@ class Glow(DensityModel):
         elif in_shape[0] < 2:
             raise ValueError(f"Glow expected at least 2 features, got in_shape {in_shape}")
         else:
-            subnet = partial(MLP, hidden_features=hidden_features, num_layers=num_hidden_layers)
+            subnet = partial(MLP, hidden_features=hidden_features, num_blocks=num_blocks)
         steps = partial(
             _steps, num_steps=num_steps, subnet=subnet, coupling=coupling, scale=scale, lu=lu,
             context=context_features,
         )
-        body = _level(in_shape[0], num_scales, steps) if image else flows.Sequential(*steps(in_shape[0]))
-        transform = flows.Sequential(*preprocessing(num_levels, "centre"), body)
+        if image:
+            body = multiscale(in_shape[0], num_scales, steps, prior_net=ZeroConv)
+        else:
+            body = flows.Sequential(*steps(in_shape[0]))
+        transform = flows.Sequential(*preprocessing(num_levels, "center"), body)
         config = dict(
             in_shape=in_shape, num_levels=num_levels, num_scales=num_scales, num_steps=num_steps,
-            hidden_features=hidden_features, num_hidden_layers=num_hidden_layers,
+            hidden_features=hidden_features, num_blocks=num_blocks,
             context_features=context_features, lu=lu, coupling=coupling, scale=scale,
         )
         super().__init__(transform, in_shape, num_levels, config)

@@ -7,20 +7,21 @@ from typing import Any, ClassVar
 
 import flows
 from flows.autoregressive import MaskedAffineAutoregressive
-from models.density import DensityModel, check_in_shape, preprocessing
+from .density import DensityModel, check_in_shape, preprocessing
 
 __all__ = ["MAF"]
 
 
 class MAF(DensityModel):
-    """Masked autoregressive flow: ``num_layers`` MADE-conditioned affine layers.
+    """Masked autoregressive flow: ``num_steps`` MADE-conditioned affine layers.
 
-    Layer ``k`` maps ``z_i = (x_i - mu_i(x_<i)) * exp(-alpha_i(x_<i))`` with
-    ``logdet = -sum_i alpha_i`` (one MADE pass for the density; ``D`` passes to sample).
+    Layer ``k`` maps ``z_i = x_i * exp(s_i(x_<i)) + t_i(x_<i)`` with ``logdet = sum_i s_i``
+    (the paper's ``(x_i - mu_i) exp(-alpha_i)`` reparametrized; one MADE pass for the
+    density, ``D`` passes to sample).
     The ordering of the features is reversed from one layer to the next (natural,
     reversed, natural, ...), as in the paper's code, and each layer is followed by a
-    ``flows.ActNorm`` standing in for the paper's batch normalisation between layers
-    (ActNorm is initialised from the first batch and then trained, so ``log_prob`` does
+    ``flows.ActNorm`` standing in for the paper's batch normalization between layers
+    (ActNorm is initialized from the first batch and then trained, so ``log_prob`` does
     not depend on batch statistics).
 
     Accepts ``(B, D)`` vectors or ``(B, C, H, W)`` images; images are preprocessed (with
@@ -32,10 +33,10 @@ class MAF(DensityModel):
 
     Args:
         in_shape: one sample's shape, ``(D,)`` or ``(C, H, W)``.
-        num_levels: quantisation levels ``K``; ``None`` for continuous data (no preprocessing).
-        num_layers: autoregressive layers (the paper's MAF (5) and MAF (10)).
+        num_levels: quantization levels ``K``; ``None`` for continuous data (no preprocessing).
+        num_steps: autoregressive layers (the paper's MAF (5) and MAF (10)).
         hidden_features: units of each MADE hidden layer.
-        num_blocks: MADE blocks after its first masked layer (hidden layers = 1 + num_blocks).
+        num_blocks: hidden blocks of each MADE (``num_blocks + 1`` hidden layers when plain).
         context_features: size of a ``(B, K)`` context fed to every MADE; 0 for none.
         alpha: the logit margin for images (1e-6 for MNIST, 0.05 for CIFAR-10 in the paper).
         actnorm: put an ActNorm after each autoregressive layer.
@@ -47,7 +48,7 @@ class MAF(DensityModel):
 
     Example:
         >>> import torch
-        >>> model = MAF((3,), num_layers=2, hidden_features=8)
+        >>> model = MAF((3,), num_steps=2, hidden_features=8)
         >>> model.log_prob(torch.randn(4, 3)).shape, model.sample(2).shape
         (torch.Size([4]), torch.Size([2, 3]))
     """
@@ -58,28 +59,28 @@ class MAF(DensityModel):
         # run_experiments.py): MAF (5), MADEs of 1 or 2 hidden layers (2 here, i.e.
         # num_blocks=1) of 100 units for POWER and GAS, 512 for HEPMASS and MINIBOONE,
         # 512 or 1024 for BSDS300 (512 here).
-        "power": dict(num_layers=5, hidden_features=100, num_blocks=1),
-        "gas": dict(num_layers=5, hidden_features=100, num_blocks=1),
-        "hepmass": dict(num_layers=5, hidden_features=512, num_blocks=1),
-        "miniboone": dict(num_layers=5, hidden_features=512, num_blocks=1),
-        "bsds300": dict(num_layers=5, hidden_features=512, num_blocks=1),
+        "power": dict(num_steps=5, hidden_features=100, num_blocks=1),
+        "gas": dict(num_steps=5, hidden_features=100, num_blocks=1),
+        "hepmass": dict(num_steps=5, hidden_features=512, num_blocks=1),
+        "miniboone": dict(num_steps=5, hidden_features=512, num_blocks=1),
+        "bsds300": dict(num_steps=5, hidden_features=512, num_blocks=1),
         # Ibid.: MNIST, MAF (5) with 2 hidden layers of 1024 units, logit margin 1e-6.
-        "mnist": dict(num_layers=5, hidden_features=1024, num_blocks=1, alpha=1e-6),
+        "mnist": dict(num_steps=5, hidden_features=1024, num_blocks=1, alpha=1e-6),
         # Ibid.: CIFAR-10, MAF (5) with 2 hidden layers of 2048 units (also 1024), margin 0.05.
-        "cifar10": dict(num_layers=5, hidden_features=2048, num_blocks=1, alpha=0.05),
+        "cifar10": dict(num_steps=5, hidden_features=2048, num_blocks=1, alpha=0.05),
         # jacflow: 8x8 digits (1x8x8, K=17) on a 2-core CPU in minutes.
-        "digits": dict(num_layers=5, hidden_features=256, num_blocks=1, alpha=0.05),
+        "digits": dict(num_steps=5, hidden_features=256, num_blocks=1, alpha=0.05),
         # jacflow: 2D toy densities.
-        "toy2d": dict(num_layers=5, hidden_features=64, num_blocks=1),
+        "toy2d": dict(num_steps=5, hidden_features=64, num_blocks=1),
         # jacflow: a quick model for any vector data set.
-        "small": dict(num_layers=3, hidden_features=64, num_blocks=1),
+        "small": dict(num_steps=3, hidden_features=64, num_blocks=1),
     }
 
     def __init__(
         self,
         in_shape: tuple[int, ...],
         num_levels: int | None = None,
-        num_layers: int = 5,
+        num_steps: int = 5,
         hidden_features: int = 512,
         num_blocks: int = 1,
         context_features: int = 0,
@@ -88,11 +89,11 @@ class MAF(DensityModel):
         residual: bool = False,
     ) -> None:
         in_shape = check_in_shape("MAF", in_shape)
-        if num_layers < 1:
-            raise ValueError(f"MAF expected num_layers >= 1, got {num_layers}")
+        if num_steps < 1:
+            raise ValueError(f"MAF expected num_steps >= 1, got {num_steps}")
         features = math.prod(in_shape)
         layers: list[flows.Flow] = []
-        for i in range(num_layers):
+        for i in range(num_steps):
             # Reversing the order between layers lets every feature be conditioned on
             # every other one somewhere in the stack (gpapamak/maf, mafs.py).
             order = "natural" if i % 2 == 0 else "reversed"
@@ -101,7 +102,7 @@ class MAF(DensityModel):
                 context_features=context_features,
             ))
             if actnorm:
-                layers.append(flows.ActNorm(features))  # the paper's batch normalisation
+                layers.append(flows.ActNorm(features))  # the paper's batch normalization
         image = len(in_shape) == 3
         transform = flows.Sequential(
             *preprocessing(num_levels, "logit", alpha),
@@ -110,7 +111,7 @@ class MAF(DensityModel):
             *([flows.Inverse(flows.Flatten(in_shape))] if image else []),  # back to (B, C, H, W)
         )
         config = dict(
-            in_shape=in_shape, num_levels=num_levels, num_layers=num_layers,
+            in_shape=in_shape, num_levels=num_levels, num_steps=num_steps,
             hidden_features=hidden_features, num_blocks=num_blocks, context_features=context_features,
             alpha=alpha, actnorm=actnorm, residual=residual,
         )

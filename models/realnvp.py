@@ -8,16 +8,17 @@ from typing import Any, ClassVar
 import flows
 from flows.coupling import SubnetFactory
 from flows.nets import MLP, GlowConvNet
-from models.density import DensityModel, check_in_shape, preprocessing
+from .density import DensityModel, check_in_shape, preprocessing
+from .multiscale import multiscale
 
 __all__ = ["RealNVP"]
 
 
 def _couplings(
-    count: int, channels: int, subnet: SubnetFactory, mask: str, context: int, actnorm: bool
+    count: int, channels: int, mask: str, subnet: SubnetFactory, context: int, actnorm: bool
 ) -> list[flows.Flow]:
     """``count`` affine couplings of alternating parity, each followed by an ActNorm
-    (standing in for RealNVP's batch normalisation) when ``actnorm``."""
+    (standing in for RealNVP's batch normalization) when ``actnorm``."""
     layers: list[flows.Flow] = []
     for i in range(count):
         layers.append(flows.AffineCoupling(channels, subnet, mask, i % 2, context))
@@ -26,51 +27,30 @@ def _couplings(
     return layers
 
 
-def _scale(channels: int, scales_left: int, subnet: SubnetFactory, context: int, actnorm: bool) -> flows.Flow:
-    """One scale on ``(B, C, H, W)``, recursing into the next ones; output keeps the shape.
-
-    Not the last: 3 checkerboard couplings, squeeze, 3 channel couplings, then half of
-    the channels are factored out and the rest go to the next scale; unsqueeze back.
-    The last: 4 checkerboard couplings (arXiv:1605.08803, section 3.6).
-    """
-    if scales_left == 1:
-        return flows.Sequential(*_couplings(4, channels, subnet, "checkerboard", context, actnorm))
-    squeezed = 4 * channels
-    return flows.Sequential(
-        *_couplings(3, channels, subnet, "checkerboard", context, actnorm),
-        flows.Squeeze(),  # (B, 4C, H/2, W/2)
-        *_couplings(3, squeezed, subnet, "channel", context, actnorm),
-        flows.Split(
-            _scale(squeezed // 2, scales_left - 1, subnet, context, actnorm), squeezed, kept=squeezed // 2
-        ),
-        flows.Inverse(flows.Squeeze()),  # (B, C, H, W)
-    )
-
-
 class RealNVP(DensityModel):
     """RealNVP: affine couplings ``y_b = x_b * exp(s(x_a)) + t(x_a)``, ``logdet = sum s``.
 
-    Images ``(B, C, H, W)``, dequantised levels in ``[0, K)`` when ``num_levels=K``, are
+    Images ``(B, C, H, W)``, dequantized levels in ``[0, K)`` when ``num_levels=K``, are
     preprocessed by ``x / K`` and ``logit(alpha + (1 - 2 alpha) x)``, then pass through
     ``num_scales`` scales: each but the last has 3 checkerboard couplings, a squeeze,
     3 channel couplings and factors out half of the channels (with no learned prior,
     as in the paper); the last has 4 checkerboard couplings. ``H`` and ``W`` must be
     divisible by ``2 ** (num_scales - 1)``. The latent has the input's shape.
 
-    Vectors ``(B, D)``: ``num_layers`` affine couplings on alternating features, MLP
-    conditioners.
+    Vectors ``(B, D)``: ``num_steps`` affine couplings on alternating features (each with
+    an ActNorm when ``actnorm``), MLP conditioners.
 
     Departures from the paper: the conditioners are Glow's 3-layer conv net
     (``flows.nets.GlowConvNet``) instead of residual networks, the scale is a soft-clamped
-    ``exp``, and ``flows.ActNorm`` after each coupling stands in for batch normalisation.
+    ``exp``, and ``flows.ActNorm`` after each coupling stands in for batch normalization.
 
     Args:
         in_shape: one sample's shape, ``(D,)`` or ``(C, H, W)``.
-        num_levels: quantisation levels ``K``; ``None`` for continuous data (no preprocessing).
+        num_levels: quantization levels ``K``; ``None`` for continuous data (no preprocessing).
         num_scales: scales of the image architecture (CIFAR-10: 2, i.e. one downscale).
         hidden_features: feature maps (images) or units (vectors) of each conditioner.
-        num_layers: coupling layers for vectors.
-        num_hidden_layers: hidden layers of each MLP conditioner (vectors).
+        num_steps: flow steps (couplings) for vectors.
+        num_blocks: hidden blocks of each MLP conditioner (vectors; see ``flows.nets.MLP``).
         context_features: size of a ``(B, K)`` context fed to every coupling; 0 for none.
         alpha: the logit margin (0.05 in the paper for CIFAR-10, 1e-6 for MNIST-type data).
         actnorm: put an ActNorm after each coupling.
@@ -97,7 +77,7 @@ class RealNVP(DensityModel):
         # jacflow: 8x8 digits (1x8x8, K=17) on a 2-core CPU in minutes.
         "digits": dict(num_scales=2, hidden_features=32, alpha=0.05),
         # jacflow: 2D toy densities (cf. the paper's figure 1 two-moons-style toys).
-        "toy2d": dict(num_layers=8, hidden_features=64, num_hidden_layers=2),
+        "toy2d": dict(num_steps=8, hidden_features=64, num_blocks=1),
     }
 
     def __init__(
@@ -106,31 +86,39 @@ class RealNVP(DensityModel):
         num_levels: int | None = None,
         num_scales: int = 2,
         hidden_features: int = 64,
-        num_layers: int = 8,
-        num_hidden_layers: int = 2,
+        num_steps: int = 8,
+        num_blocks: int = 1,
         context_features: int = 0,
         alpha: float = 0.05,
         actnorm: bool = True,
     ) -> None:
-        if num_scales < 1 or num_layers < 1:
+        if num_scales < 1 or num_steps < 1:
             raise ValueError(
-                f"RealNVP expected num_scales >= 1 and num_layers >= 1, got {num_scales} and {num_layers}"
+                f"RealNVP expected num_scales >= 1 and num_steps >= 1, got {num_scales} and {num_steps}"
             )
         in_shape = check_in_shape("RealNVP", in_shape, downscale=2 ** (num_scales - 1))
         if len(in_shape) == 3:
             subnet = partial(GlowConvNet, hidden_features=hidden_features)
-            body = _scale(in_shape[0], num_scales, subnet, context_features, actnorm)
+            couplings = partial(_couplings, subnet=subnet, context=context_features, actnorm=actnorm)
+            # Each scale but the last: 3 checkerboard couplings, squeeze, 3 channel couplings,
+            # factor out half; the last: 4 checkerboard couplings (arXiv:1605.08803, section 3.6).
+            body = multiscale(
+                in_shape[0], num_scales,
+                squeezed=lambda c: couplings(3, c, mask="channel"),
+                unsqueezed=lambda c, last: couplings(4 if last else 3, c, mask="checkerboard"),
+                squeeze_last=False,
+            )
         else:
             if in_shape[0] < 2:
                 raise ValueError(f"RealNVP expected at least 2 features, got in_shape {in_shape}")
-            subnet = partial(MLP, hidden_features=hidden_features, num_layers=num_hidden_layers)
+            subnet = partial(MLP, hidden_features=hidden_features, num_blocks=num_blocks)
             body = flows.Sequential(
-                *_couplings(num_layers, in_shape[0], subnet, "checkerboard", context_features, actnorm)
+                *_couplings(num_steps, in_shape[0], "checkerboard", subnet, context_features, actnorm)
             )
         transform = flows.Sequential(*preprocessing(num_levels, "logit", alpha), body)
         config = dict(
             in_shape=in_shape, num_levels=num_levels, num_scales=num_scales,
-            hidden_features=hidden_features, num_layers=num_layers, num_hidden_layers=num_hidden_layers,
+            hidden_features=hidden_features, num_steps=num_steps, num_blocks=num_blocks,
             context_features=context_features, alpha=alpha, actnorm=actnorm,
         )
         super().__init__(transform, in_shape, num_levels, config)

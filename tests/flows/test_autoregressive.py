@@ -218,7 +218,7 @@ def test_a_leaky_made_is_caught():
     ("x_shape", "context_shape", "match"),
     [
         ((3, D, 2, 2), (3, K), r"expects input of rank 2 \(B, D\), got shape \(3, 5, 2, 2\)"),
-        ((3, D + 1), (3, K), r"expects 5 features/channels on dim 1, got shape \(3, 6\)"),
+        ((3, D + 1), (3, K), r"expects 5 features on dim 1, got input of shape \(3, 6\)"),
         ((3, D), (2, K), r"expects context of shape \(3, 2\), got \(2, 2\)"),
         ((3, D), (3, K, 1), r"expects context of shape \(3, 2\), got \(3, 2, 1\)"),
         ((3, D), None, r"built with context_features=2 but got context=None"),
@@ -234,7 +234,7 @@ def test_bad_input_raises(name, direction, x_shape, context_shape, match):
 
 def test_made_bad_input_raises():
     made = MADE(D, 8, 2, context_features=K)
-    with pytest.raises(ValueError, match=r"MADE expects 5 features/channels on dim 1"):
+    with pytest.raises(ValueError, match=r"MADE expects 5 features on dim 1"):
         made(torch.randn(3, 4))
     with pytest.raises(ValueError, match=r"MADE was built with context_features=2 but got context=None"):
         made(torch.randn(3, D))

@@ -10,7 +10,7 @@ import torch
 import flows
 from flows.coupling import checkerboard
 from flows.nets import MLP, GlowConvNet
-from tests.flows.registry import perturb
+from tests.registry import perturb
 
 mlp = partial(MLP, hidden_features=8)
 conv = partial(GlowConvNet, hidden_features=4)
@@ -90,7 +90,7 @@ def test_context_is_broadcast_over_space() -> None:
     [
         ({"mask": "diagonal"}, "AffineCoupling mask must be 'channel' or 'checkerboard', got 'diagonal'"),
         ({"parity": 2}, "AffineCoupling parity must be 0 or 1, got 2"),
-        ({"scale": "softplus"}, "AffineCoupling scale must be 'exp' or 'sigmoid', got 'softplus'"),
+        ({"scale": "softplus"}, "AffineMap scale must be 'exp' or 'sigmoid', got 'softplus'"),
     ],
 )
 def test_bad_construction(kwargs: dict, message: str) -> None:
@@ -99,7 +99,7 @@ def test_bad_construction(kwargs: dict, message: str) -> None:
 
 
 def test_channel_mask_needs_two_features() -> None:
-    with pytest.raises(ValueError, match="AdditiveCoupling with a channel mask needs num_features >= 2, got 1"):
+    with pytest.raises(ValueError, match="AdditiveCoupling with a channel mask needs features >= 2, got 1"):
         flows.AdditiveCoupling(1, mlp)
 
 
@@ -107,7 +107,7 @@ def test_channel_mask_needs_two_features() -> None:
     ("x", "message"),
     [
         (torch.randn(2, 4, 3), r"AffineCoupling expects input of rank 2 \(B, D\) or rank 4 \(B, C, H, W\), got shape \(2, 4, 3\)"),
-        (torch.randn(2, 5), r"AffineCoupling expects 4 features/channels on dim 1, got shape \(2, 5\)"),
+        (torch.randn(2, 5), r"AffineCoupling expects 4 features on dim 1, got input of shape \(2, 5\)"),
     ],
 )
 def test_bad_input(x: torch.Tensor, message: str) -> None:
@@ -142,12 +142,9 @@ def glow_like_stack(channels: int, image: bool) -> flows.Sequential:
 def test_float32_round_trip_through_64_layers(image: bool) -> None:
     torch.set_default_dtype(torch.float32)
     stack = glow_like_stack(4, image)
-    with torch.no_grad():
-        for name, p in stack.named_parameters():
-            if "subnet" in name:
-                p.add_(torch.randn_like(p) * 0.05)
+    perturb(stack, 0.05, where=lambda name: "subnet" in name)
     x = torch.randn(32, 4, 8, 8) if image else torch.randn(256, 4)
-    stack(x)  # ActNorm initialisation
+    stack(x)  # ActNorm initialization
     stack.eval()
     with torch.no_grad():
         z, logdet = stack(x)

@@ -11,7 +11,7 @@ import flows
 from flows.base import Flow, zero_logdet
 from flows.jacobian import FlowCheckError, batch_jacobian, check_flow, exact_logdet, jacobian
 from flows.nets import MLP, GlowConvNet
-from tests.flows.registry import perturb
+from tests.registry import perturb
 
 
 class ShiftedLogdet(flows.ActNorm):

@@ -7,7 +7,7 @@ import torch
 
 import flows
 from flows.jacobian import check_flow
-from tests.flows.registry import perturb
+from tests.registry import perturb
 
 
 @pytest.mark.parametrize("lu", [True, False])
@@ -90,12 +90,12 @@ def test_lu_and_full_agree_for_the_same_weight() -> None:
 
 
 def test_bad_channel_count() -> None:
-    with pytest.raises(ValueError, match=r"InvConv1x1 expects 4 features/channels on dim 1, got shape \(2, 3, 5, 5\)"):
+    with pytest.raises(ValueError, match=r"InvConv1x1 expects 4 features on dim 1, got input of shape \(2, 3, 5, 5\)"):
         flows.InvConv1x1(4)(torch.randn(2, 3, 5, 5))
 
 
 def test_bad_size() -> None:
-    with pytest.raises(ValueError, match="InvConv1x1 needs num_channels >= 1, got 0"):
+    with pytest.raises(ValueError, match="InvConv1x1 needs features >= 1, got 0"):
         flows.InvConv1x1(0)
 
 
@@ -107,7 +107,7 @@ def test_permutation_is_fixed_by_its_seed() -> None:
 
 
 def test_reverse_checks_its_size_when_given() -> None:
-    with pytest.raises(ValueError, match=r"Reverse expects 3 features/channels on dim 1, got shape \(1, 4\)"):
+    with pytest.raises(ValueError, match=r"Reverse expects 3 features on dim 1, got input of shape \(1, 4\)"):
         flows.Reverse(3)(torch.randn(1, 4))
 
 

@@ -74,7 +74,7 @@ def test_uninitialised_state_loads_as_uninitialised() -> None:
     ("x", "message"),
     [
         (torch.randn(2, 3, 4), r"ActNorm expects input of rank 2 \(B, D\) or rank 4 \(B, C, H, W\), got shape \(2, 3, 4\)"),
-        (torch.randn(2, 4), r"ActNorm expects 3 features/channels on dim 1, got shape \(2, 4\)"),
+        (torch.randn(2, 4), r"ActNorm expects 3 features on dim 1, got input of shape \(2, 4\)"),
     ],
 )
 def test_bad_input(x: torch.Tensor, message: str) -> None:

@@ -9,7 +9,7 @@ import torch
 
 import flows
 from flows.nets import GlowConvNet
-from tests.flows.registry import perturb
+from tests.registry import perturb
 
 
 def test_squeeze_moves_each_block_into_channels() -> None:
@@ -45,7 +45,7 @@ def test_unsqueeze_channel_error() -> None:
 
 
 def test_split_keeps_the_shape_and_inverts_exactly() -> None:
-    split = flows.Split(flows.ActNorm(3), num_features=5, kept=3, prior_net=partial(GlowConvNet, hidden_features=4))
+    split = flows.Split(flows.ActNorm(3), features=5, kept=3, prior_net=partial(GlowConvNet, hidden_features=4))
     perturb(split)
     x = torch.randn(2, 5, 2, 2)
     z, logdet = split(x)
@@ -57,7 +57,7 @@ def test_split_keeps_the_shape_and_inverts_exactly() -> None:
 
 def test_split_prior_starts_standard_normal() -> None:
     """With the prior net zero-initialised, the factored half passes unchanged."""
-    split = flows.Split(flows.Reverse(), num_features=4, prior_net=partial(GlowConvNet, hidden_features=4))
+    split = flows.Split(flows.Reverse(), features=4, prior_net=partial(GlowConvNet, hidden_features=4))
     x = torch.randn(2, 4, 2, 2)
     z, logdet = split(x)
     torch.testing.assert_close(z[:, 2:], x[:, 2:], rtol=0, atol=0)
@@ -66,5 +66,5 @@ def test_split_prior_starts_standard_normal() -> None:
 
 @pytest.mark.parametrize("kept", [0, 4])
 def test_split_kept_must_leave_both_parts(kept: int) -> None:
-    with pytest.raises(ValueError, match=f"Split needs 0 < kept < num_features, got kept={kept}, num_features=4"):
-        flows.Split(flows.Reverse(), num_features=4, kept=kept)
+    with pytest.raises(ValueError, match=f"Split needs 0 < kept < features, got kept={kept}, features=4"):
+        flows.Split(flows.Reverse(), features=4, kept=kept)

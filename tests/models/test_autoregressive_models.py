@@ -1,6 +1,9 @@
-"""Tests of models/maf.py and models/nsf.py: every preset, built small and perturbed, through
-the oracle in float64 on vectors, with and without context, on inputs inside and outside
-the splines' interval; the density API; sampling; IAF in a model-like stack; errors."""
+"""Tests of models/maf.py and models/nsf.py: the splines see their interval and their tails;
+the density API; sampling; IAF in a model-like stack; dropout; the presets' sources; errors.
+
+Every preset (both NSF variants, with and without context) goes through the oracle from
+the one registry (tests/registry.py, run by tests/flows/test_contract.py).
+"""
 
 from __future__ import annotations
 
@@ -13,49 +16,21 @@ import flows
 from flows.autoregressive import MaskedAffineAutoregressive, RQSplineAutoregressive
 from flows.jacobian import check_flow
 from models import MAF, MODELS, NSF, build_model
+from tests.registry import SMALL_VECTOR, VECTOR_PRESETS, across_tails, perturb
 
 D, K = 4, 3  # features, context features
-SMALL = {
-    "maf": dict(num_layers=2, hidden_features=8, num_blocks=1),
-    "nsf": dict(num_layers=2, hidden_features=8, num_blocks=1),
-}
 SPLINES = (flows.RQSplineCoupling, RQSplineAutoregressive)
 
 
-def _cases() -> list:
-    cases = []
-    for preset in MAF.PRESETS:
-        cases += [pytest.param("maf", preset, {}, ctx, id=f"maf-{preset}-ctx{ctx}") for ctx in (0, K)]
-    for preset in NSF.PRESETS:
-        for variant in ("coupling", "autoregressive"):
-            cases += [
-                pytest.param("nsf", preset, {"variant": variant}, ctx, id=f"nsf-{preset}-{variant}-ctx{ctx}")
-                for ctx in (0, K)
-            ]
-    return cases
-
-
-def _perturb(module: torch.nn.Module, std: float = 0.2) -> None:
-    """N(0, std) on every parameter: zero-initialised layers must not pass as the identity."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn_like(p) * std)
-
-
 def _model(name: str, preset: str, extra: dict, context: int):
-    model = build_model(name, preset, (D,), context_features=context, **SMALL[name], **extra).double()
+    model = build_model(name, preset, (D,), context_features=context, **SMALL_VECTOR[name], **extra).double()
     model.transform(torch.randn(16, D) * 2, torch.randn(16, context) if context else None)  # ActNorm init
-    _perturb(model)
+    perturb(model, 0.2)
     return model
 
 
 def _inputs(batch: int, bound: float) -> torch.Tensor:
-    """Samples of sizes 1, 0.3 and 3 (cycling) times a row with entries inside
-    ``[-bound, bound]`` and two outside it: the small ones stay inside the splines'
-    interval after the first linear map, the large ones reach the tails."""
-    x = torch.rand(batch, D) * 1.6 * bound - 0.8 * bound
-    x[:, 0], x[:, -1] = 1.5 * bound, -2.0 * bound
-    return x * torch.tensor([1.0, 0.3, 3.0]).repeat(batch)[:batch, None]
+    return across_tails(batch, (D,), bound)
 
 
 def _spline_inputs(model, x: torch.Tensor, context) -> list[torch.Tensor]:
@@ -76,19 +51,14 @@ def _spline_inputs(model, x: torch.Tensor, context) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize(("name", "preset", "extra", "context"), _cases())
-def test_every_preset_passes_the_oracle(name, preset, extra, context) -> None:
-    model = _model(name, preset, extra, context)
-    bound = model.config.get("tail_bound", 3.0)
-    entries = []
-    for batch in (1, 3):
-        ctx = torch.randn(batch, context) if context else None
-        x = _inputs(batch, bound)
-        entries += [s.flatten().abs() for s in _spline_inputs(model, x, ctx)]
-        check_flow(model.transform, x, ctx)
-    if name == "nsf":  # the splines saw both their interval and their identity tails
-        entries = torch.cat(entries)
-        assert bool((entries > bound).any()) and bool((entries < bound).any())
+@pytest.mark.parametrize("variant", ["coupling", "autoregressive"])
+@pytest.mark.parametrize("preset", sorted(set(NSF.PRESETS) & VECTOR_PRESETS))
+def test_splines_see_their_interval_and_their_tails(preset: str, variant: str) -> None:
+    """The registry's vector inputs exercise both branches of every spline preset."""
+    model = _model("nsf", preset, {"variant": variant}, 0)
+    bound = model.config["tail_bound"]
+    entries = torch.cat([s.flatten().abs() for s in _spline_inputs(model, _inputs(3, bound), None)])
+    assert bool((entries > bound).any()) and bool((entries < bound).any())
 
 
 @pytest.mark.parametrize(("name", "extra"), [("maf", {}), ("nsf", {"variant": "coupling"}),
@@ -119,7 +89,7 @@ def test_iaf_in_a_model_like_stack(context) -> None:
         flows.InvConv1x1(D),
     ).double()
     iaf(torch.randn(16, D), torch.randn(16, context) if context else None)
-    _perturb(iaf)
+    perturb(iaf, 0.2)
     for batch in (1, 3):
         ctx = torch.randn(batch, context) if context else None
         check_flow(iaf, torch.randn(batch, D) * 2, ctx)
@@ -130,7 +100,7 @@ def test_iaf_in_a_model_like_stack(context) -> None:
 
 
 def test_maf_reverses_the_order_between_layers_and_follows_with_actnorm() -> None:
-    model = MAF((D,), num_layers=3, hidden_features=8)
+    model = MAF((D,), num_steps=3, hidden_features=8)
     layers = list(model.transform)
     mades = [layer.made for layer in layers if isinstance(layer, MaskedAffineAutoregressive)]
     assert [m.degrees.tolist()[0] for m in mades] == [1, D, 1]
@@ -138,7 +108,7 @@ def test_maf_reverses_the_order_between_layers_and_follows_with_actnorm() -> Non
 
 
 def test_nsf_steps_are_linear_then_spline_with_a_final_linear_map() -> None:
-    model = NSF((D,), num_layers=2, hidden_features=8, variant="autoregressive")
+    model = NSF((D,), num_steps=2, hidden_features=8, variant="autoregressive")
     kinds = [type(layer).__name__ for layer in model.transform[0]]  # no preprocessing for vectors
     assert kinds == ["InvConv1x1", "RQSplineAutoregressive", "InvConv1x1", "RQSplineAutoregressive", "InvConv1x1"]
 
@@ -165,14 +135,33 @@ def test_presets_follow_their_sources() -> None:
     tabular = ("power", "gas", "hepmass", "miniboone", "bsds300")
     hidden = {name: MAF.PRESETS[name]["hidden_features"] for name in tabular}
     assert hidden == {"power": 100, "gas": 100, "hepmass": 512, "miniboone": 512, "bsds300": 512}
-    assert {MAF.PRESETS[name]["num_layers"] for name in hidden} == {5}
-    # arXiv:1906.04032: B = 3 throughout the tabular experiments.
-    assert {NSF.PRESETS[name]["tail_bound"] for name in hidden} == {3.0}
+    assert {MAF.PRESETS[name]["num_steps"] for name in hidden} == {5}
+    # arXiv:1906.04032, appendix B: steps, residual blocks, hidden features, bins, dropout.
+    table = {
+        "power": (10, 2, 256, 8, 0.0), "gas": (10, 2, 256, 8, 0.1), "hepmass": (20, 1, 128, 8, 0.2),
+        "miniboone": (10, 1, 32, 4, 0.2), "bsds300": (20, 1, 128, 8, 0.2),
+    }
+    keys = ("num_steps", "num_blocks", "hidden_features", "num_bins", "dropout")
+    for name, row in table.items():
+        model = NSF((D,), **NSF.PRESETS[name])
+        assert tuple(model.config[k] for k in keys) == row, name
+        assert model.config["residual"] and model.config["tail_bound"] == 3.0  # B = 3, section 5
+
+
+def test_dropout_presets_are_a_flow_in_eval_mode_and_random_in_training() -> None:
+    model = build_model("nsf", "gas", (D,), hidden_features=8, num_steps=2).double()
+    perturb(model, 0.2)  # the conditioners' last layers start at zero, which hides any dropout
+    x = _inputs(3, 3.0)
+    model.train()
+    assert not torch.equal(model.log_prob(x), model.log_prob(x)), "dropout should randomize training calls"
+    model.eval()
+    torch.testing.assert_close(model.log_prob(x), model.log_prob(x), rtol=0, atol=0)
+    check_flow(model.transform, x)
 
 
 def test_model_argument_errors() -> None:
-    with pytest.raises(ValueError, match=r"MAF expected num_layers >= 1, got 0"):
-        MAF((D,), num_layers=0)
+    with pytest.raises(ValueError, match=r"MAF expected num_steps >= 1, got 0"):
+        MAF((D,), num_steps=0)
     with pytest.raises(ValueError, match=r"NSF expected variant 'coupling' or 'autoregressive', got 'spline'"):
         NSF((D,), variant="spline")
     with pytest.raises(ValueError, match=r"NSF expected at least 2 features for variant 'coupling', got .*\(1,\)"):
@@ -181,8 +170,8 @@ def test_model_argument_errors() -> None:
         NSF((1, 8, 8), variant="autoregressive", num_scales=2)
     with pytest.raises(ValueError, match=r"NSF expected num_bins >= 1 and tail_bound > 0, got 0 and 3.0"):
         NSF((D,), num_bins=0)
-    with pytest.raises(ValueError, match=r"NSF expected num_layers >= 1, num_blocks >= 0 and num_scales >= 1, got 0"):
-        NSF((D,), num_layers=0)
+    with pytest.raises(ValueError, match=r"NSF expected num_steps >= 1, num_blocks >= 0 and num_scales >= 1, got 0"):
+        NSF((D,), num_steps=0)
     with pytest.raises(ValueError, match=r"NSF expected H and W divisible by 8"):
         NSF((1, 4, 4))
-    NSF((1,), variant="autoregressive", num_layers=1, hidden_features=4)  # 1-D data: autoregressive works
+    NSF((1,), variant="autoregressive", num_steps=1, hidden_features=4)  # 1-D data: autoregressive works

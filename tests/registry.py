@@ -1,6 +1,8 @@
-"""The registry of every public flow the contract test checks: id -> (factory, input shape, context features).
+"""The one registry of every public layer and every ready model that the contract test
+checks: id -> :class:`Case` (factory, one sample's shape, context features, inputs).
 
-Adding a layer to the contract test is one line here.
+Adding a layer to the contract test is one line in ``LAYERS``; a model or preset added to
+``models.MODELS`` joins through ``MODEL_CASES`` by itself (with its small sizes in ``SMALL``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from functools import partial
 import torch
 
 import flows
+import models
 from flows.nets import MLP, GlowConvNet
 
 
@@ -20,6 +23,13 @@ class Case:
     make: Callable[[], flows.Flow]
     shape: tuple[int, ...]  # one sample's shape
     context: int = 0  # context features, 0 for none
+    inputs: Callable[[int, tuple[int, ...]], torch.Tensor] | None = None  # (batch, shape) -> x; None: N(0.2, 1.5^2)
+    perturb_std: float = 0.3  # std of the noise `perturb` adds to every parameter
+
+    def sample_inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x, context)`` for a batch of ``batch``, in the default dtype."""
+        x = torch.randn(batch, *self.shape) * 1.5 + 0.2 if self.inputs is None else self.inputs(batch, self.shape)
+        return x, (torch.randn(batch, self.context) if self.context else None)
 
 
 mlp = partial(MLP, hidden_features=8)
@@ -38,7 +48,7 @@ def glow_step(channels: int) -> flows.Flow:
 def glow_multiscale(channels: int = 3) -> flows.Flow:
     """Two Glow levels: squeeze, a step, split with a learned prior; squeeze, a step; unsqueeze back."""
     inner = flows.Sequential(flows.Squeeze(), glow_step(channels * 8), flows.Inverse(flows.Squeeze()))
-    split = flows.Split(inner, num_features=channels * 4, kept=channels * 2, prior_net=prior)
+    split = flows.Split(inner, features=channels * 4, kept=channels * 2, prior_net=prior)
     return flows.Sequential(flows.Squeeze(), glow_step(channels * 4), split, flows.Inverse(flows.Squeeze()))
 
 
@@ -54,12 +64,12 @@ def realnvp_multiscale(channels: int = 3) -> flows.Flow:
         flows.Squeeze(),
         flows.AffineCoupling(channels * 4, conv, mask="channel"),
         flows.AffineCoupling(channels * 4, conv, mask="channel", parity=1),
-        flows.Split(inner, num_features=channels * 4),
+        flows.Split(inner, features=channels * 4),
         flows.Inverse(flows.Squeeze()),
     )
 
 
-CASES: dict[str, Case] = {
+LAYERS: dict[str, Case] = {
     # base
     "sequential-vector": Case(lambda: flows.Sequential(flows.ActNorm(5), flows.Reverse(), flows.InvConv1x1(5)), (5,)),
     "inverse-affine": Case(lambda: flows.Inverse(flows.AffineCoupling(5, mlp)), (5,)),
@@ -111,15 +121,88 @@ CASES: dict[str, Case] = {
     # multi-scale stacks
     "glow-multiscale": Case(glow_multiscale, (3, 4, 4)),
     "realnvp-multiscale": Case(realnvp_multiscale, (3, 4, 4)),
+    # any map through the families' own classes
+    "coupling-custom-map": Case(lambda: flows.Coupling(4, mlp, flows.AffineMap("sigmoid"), "checkerboard"), (4,)),
+    "autoregressive-additive-map": Case(lambda: flows.Autoregressive(4, flows.AdditiveMap(), 8), (4,)),
 }
 
 
-def perturb(flow: torch.nn.Module, std: float = 0.3) -> None:
-    """Random non-trivial parameters, so identity-initialised layers are not the identity.
+# Ready models: every preset of every model, built small. Image presets run on two image
+# shapes (levels in [0, K)), vector presets on two vector shapes (one with context) whose
+# entries reach both the splines' interval and their identity tails.
+SMALL: dict[str, dict] = {
+    "nice": dict(num_steps=2, hidden_features=8, num_blocks=0),
+    "realnvp": dict(num_scales=2, num_steps=2, hidden_features=4, num_blocks=0),
+    "glow": dict(num_scales=2, num_steps=1, hidden_features=4, num_blocks=0),
+    "maf": dict(num_steps=2, hidden_features=8, num_blocks=1),
+    # One scale and 4 channels for images: noise on conv conditioners gives extreme spline
+    # bins, and the round trip of deeper perturbed stacks loses more than 1e-7 to round-off.
+    # Dropout off: a random mask makes every call a different map (tests/models/test_nsf.py
+    # checks the dropout presets in eval mode).
+    "nsf": dict(num_scales=1, num_steps=2, hidden_features=4, num_blocks=1, dropout=0.0),
+}
+# Vector presets: MLP / MADE conditioners wider than image ones (4 ReLU units are often all
+# off for a batch, and then a parameter legitimately gets no gradient).
+SMALL_VECTOR: dict[str, dict] = {name: {**sizes, "hidden_features": 8} for name, sizes in SMALL.items()}
+VECTOR_PRESETS = {"toy2d", "small", "power", "gas", "hepmass", "miniboone", "bsds300"}
+IMAGE_SHAPES = [((1, 4, 4), 17, 0), ((3, 4, 4), 256, 2)]
+VECTOR_SHAPES = [((3,), 0), ((4,), 3)]  # D >= 3: `across_tails` leaves an entry inside
 
-    LU factors stay well-conditioned (unit diagonal L, log_s near 0), and everything
-    else gets a normal perturbation around its initial value.
+
+def levels_in(num_levels: int) -> Callable[[int, tuple[int, ...]], torch.Tensor]:
+    """Dequantized levels, uniform in ``[0, K)``: what an image model takes."""
+    return lambda batch, shape: torch.rand(batch, *shape) * num_levels
+
+
+def across_tails(batch: int, shape: tuple[int, ...], bound: float = 3.0) -> torch.Tensor:
+    """Vectors with entries inside ``[-bound, bound]`` and two outside it, in rows of sizes
+    1, 0.3 and 3 (cycling): the small ones stay inside the splines' interval after the
+    first linear map, the large ones reach the tails."""
+    x = torch.rand(batch, *shape) * 1.6 * bound - 0.8 * bound
+    x[:, 0], x[:, -1] = 1.5 * bound, -2.0 * bound
+    return x * torch.tensor([1.0, 0.3, 3.0]).repeat(batch)[:batch, None]
+
+
+def _model_transform(name: str, preset: str, shape, num_levels, context: int, extra: dict) -> flows.Flow:
+    sizes = SMALL[name] if len(shape) == 3 else SMALL_VECTOR[name]
+    return models.build_model(name, preset, shape, num_levels, context_features=context, **sizes, **extra).transform
+
+
+def _model_cases() -> dict[str, Case]:
+    cases: dict[str, Case] = {}
+    for name in SMALL:
+        for preset in models.MODELS[name].PRESETS:
+            variants = [{}] if name != "nsf" or preset not in VECTOR_PRESETS else [
+                {"variant": "coupling"}, {"variant": "autoregressive"}]
+            if preset in VECTOR_PRESETS:
+                shapes = [(shape, None, context) for shape, context in VECTOR_SHAPES]
+            else:
+                shapes = IMAGE_SHAPES
+            for extra in variants:
+                for shape, levels, context in shapes:
+                    case_id = "-".join(
+                        ["model", name, preset, *extra.values(), "x".join(map(str, shape))] + (["ctx"] if context else [])
+                    )
+                    make = partial(_model_transform, name, preset, shape, levels, context, extra)
+                    # Spline models see both their interval and their identity tails.
+                    inputs = levels_in(levels) if levels is not None else across_tails if name == "nsf" else None
+                    cases[case_id] = Case(make, shape, context, inputs, perturb_std=0.2)
+    return cases
+
+
+MODEL_CASES = _model_cases()
+CASES: dict[str, Case] = {**LAYERS, **MODEL_CASES}
+
+
+def perturb(module: torch.nn.Module, std: float = 0.3, where: Callable[[str], bool] | None = None) -> None:
+    """Adds N(0, std^2) noise to every parameter (those whose name ``where`` accepts), so
+    identity-initialized layers (zero last layers) cannot pass a check by being the identity.
+
+    The noise is the same for every kind of parameter: an LU-factored 1x1 convolution
+    stays invertible under it (its determinant is ``prod exp(log_s)``, never 0), though
+    its condition number grows with ``std``.
     """
     with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(torch.randn_like(p) * std)
+        for name, p in module.named_parameters():
+            if where is None or where(name):
+                p.add_(torch.randn_like(p) * std)
