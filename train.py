@@ -8,6 +8,7 @@ Commands::
     # A preset: model sizes and run settings of a named recipe (GPU advised for these).
     python train.py --model glow --preset mnist --download
     python train.py --model realnvp --preset toy2d --dataset two_moons
+    python train.py --model nsf --preset power --data-dir data   # NSF's run settings for POWER
 
     # Class-conditional: the one-hot label is every conditioner's context; density.png per class.
     python train.py --model nsf --preset toy2d --dataset rings --conditional
@@ -32,13 +33,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import random
-import re
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from itertools import chain
@@ -49,48 +49,100 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import models
-from models import checkpoints, metrics_log, plots, training
-from models.allocator import reuse_freed_memory
-from models.data import DATASETS, Dataset, load_dataset
-from models.training import LoopSettings, Processes, RunDir, TrainState
+from models import MODELS, build_model
+from models.data import DATASETS, DataSplit, load_dataset
+from models.training import (
+    EvalResult, LoopSettings, MetricsLog, Processes, RunDir, TrainState, build_optimizer, build_scheduler,
+    check_compatible, check_finite, evaluate, fit, load_checkpoint, make_scaler, make_train_loader,
+    prepare_model, read_metrics, restore, reuse_freed_memory, save_class_densities, save_density,
+    save_loss_curve, save_samples, setup_processes, teardown_processes, train_batches,
+)
+
+# The configuration
 
 
-@dataclass
+def option(default: Any, help: str) -> Any:
+    """A Config field with its flag's help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
 class Config:
-    """Everything a run depends on; saved in ``config.json`` and in every checkpoint."""
+    """Everything a run depends on; saved in ``config.json`` and in every checkpoint.
 
-    model: str = "realnvp"  # model family: nice, realnvp, glow, maf or nsf
-    preset: str = "digits"  # model sizes, see the model's PRESETS; also run settings for the presets below
-    dataset: str = "digits"  # data set: digits (embedded), a 2D toy (two_moons, checkerboard, ...), mixture10d, mnist, cifar10, or a tabular set (power, gas, hepmass, miniboone, bsds300)
-    data_dir: str = "data"  # folder holding downloadable data sets
-    download: bool = False  # download a missing data set into --data-dir
-    conditional: bool = False  # model p(x | class): the one-hot label is the context (2D toys, mixture10d, digits, mnist, cifar10)
-    steps: int = 6000  # optimisation steps in all; a resumed run continues up to this
-    epochs: float | None = None  # train for this many passes over the training set instead of --steps
-    batch_size: int = 128  # samples per step, per process
-    lr: float = 1e-3  # Adam's learning rate after warm-up
-    warmup: int = 200  # steps of linear learning-rate warm-up from 0
-    schedule: Literal["constant", "cosine"] = "cosine"  # learning rate after warm-up: constant, or cosine to 0
-    clip: float = 100.0  # clip the gradient norm to this (0: no clipping)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
-    amp: Literal["none", "bf16", "fp16"] = "none"  # mixed precision (autocast dtype); fp16 adds a gradient scaler
-    compile: bool = False  # torch.compile the model's forward pass
-    seed: int = 0  # seed of the initialisation, shuffling and dequantisation noise
-    resume: str | None = None  # checkpoint to continue from; flags not given default to its config
-    eval_only: bool = False  # with --resume: only evaluate the checkpoint and draw samples
-    temperature: float = 1.0  # sampling temperature of samples.png (below 1: smoother samples)
-    num_samples: int = 64  # samples drawn for samples.png
-    out: str | None = None  # run directory; default runs/<model>-<dataset>, on resume the checkpoint's
-    overwrite: bool = False  # start afresh in a run directory that already holds a checkpoint
-    log_every: int = 50  # steps between metric records and progress-bar updates
-    ckpt_every: int = 1000  # steps between checkpoints (0: only at the end)
-    eval_every: int = 0  # steps between test evaluations (0: only at the end)
-    nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop with an error, or skip the batch
+    Frozen and checked when made (:func:`check_config`), so a Config is never changed
+    after it was checked: a new value (the steps of ``--epochs``) makes a new Config.
+    """
+
+    model: str = option("realnvp", "model family: nice, realnvp, glow, maf or nsf")
+    preset: str = option("digits", "model sizes, see the model's PRESETS; also run settings for the presets below")
+    dataset: str = option("digits", "data set: digits (embedded), a 2D toy (two_moons, checkerboard, ...), mixture10d, "
+                                    "mnist, cifar10, or a tabular set (power, gas, hepmass, miniboone, bsds300)")
+    data_dir: str = option("data", "folder holding downloadable data sets")
+    download: bool = option(False, "download a missing data set into --data-dir")
+    conditional: bool = option(False, "model p(x | class): the one-hot label is the context (2D toys, mixture10d, "
+                                      "digits, mnist, cifar10)")
+    steps: int = option(6000, "optimization steps in all; a resumed run continues up to this")
+    epochs: float | None = option(None, "train for this many passes over the training set instead of --steps")
+    batch_size: int = option(128, "samples per step, per process")
+    lr: float = option(1e-3, "Adam's learning rate after warm-up")
+    warmup: int = option(200, "steps of linear learning-rate warm-up from 0")
+    schedule: Literal["constant", "cosine"] = option("cosine", "learning rate after warm-up: constant, or cosine to 0")
+    clip: float = option(100.0, "clip the gradient norm to this (0: no clipping)")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: CUDA when available, else CPU")
+    amp: Literal["none", "bf16", "fp16"] = option("none", "mixed precision (autocast dtype); fp16 adds grad scaling")
+    compile: bool = option(False, "torch.compile the model's forward pass")
+    seed: int = option(0, "seed of the initialization, shuffling and dequantization noise")
+    resume: str | None = option(None, "checkpoint to continue from; flags not given default to its config")
+    eval_only: bool = option(False, "with --resume: only evaluate the checkpoint and draw samples")
+    temperature: float = option(1.0, "sampling temperature of samples.png (below 1: smoother samples)")
+    num_samples: int = option(64, "samples drawn for samples.png")
+    out: str | None = option(None, "run directory; default runs/<model>-<dataset>, on resume the checkpoint's")
+    overwrite: bool = option(False, "start afresh in a run directory that already holds a checkpoint")
+    log_every: int = option(50, "steps between metric records and progress-bar updates")
+    ckpt_every: int = option(1000, "steps between checkpoints (0: only at the end)")
+    eval_every: int = option(0, "steps between test evaluations (0: only at the end)")
+    nonfinite: Literal["stop", "skip"] = option("stop", "on a NaN/inf loss: stop with an error, or skip the batch")
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
-# Named recipes: --preset NAME applies these run settings (under flags given explicitly)
-# and the model's own PRESETS[NAME] sizes.
+def check_config(config: Config) -> None:
+    """Raises ``ValueError`` for names and numbers no run can use."""
+    if config.model not in MODELS:
+        raise ValueError(f"--model expected one of {', '.join(MODELS)}, got {config.model!r}")
+    presets = MODELS[config.model].PRESETS
+    if config.preset not in presets:
+        raise ValueError(f"--preset expected one of {', '.join(presets)} for {config.model}, got {config.preset!r}")
+    if config.dataset not in DATASETS:
+        raise ValueError(f"--dataset expected one of {', '.join(DATASETS)}, got {config.dataset!r}")
+    for name in ("steps", "batch_size", "log_every", "num_samples"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(config, name)}")
+    for name in ("warmup", "ckpt_every", "eval_every", "clip"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} expected a number >= 0, got {getattr(config, name)}")
+    for name in ("lr", "temperature") + (("epochs",) if config.epochs is not None else ()):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} expected a positive number, got {getattr(config, name)}")
+    if config.eval_only and not config.resume:
+        raise ValueError("--eval-only expected a checkpoint to evaluate (--resume PATH), got none")
+
+
+# Presets: --preset NAME applies these run settings (under flags given explicitly) and the
+# model's own PRESETS[NAME] sizes.
+
+# The tabular benchmarks: batch size, learning rate and steps from Durkan et al. 2019, "Neural
+# Spline Flows", arXiv:1906.04032, appendix B, table of per-data-set hyperparameters (the
+# preset's model sizes, dropout included, are in models/nsf.py; MAF's presets train with them too).
+TABULAR_RUNS: dict[str, dict[str, Any]] = {
+    "power": dict(batch_size=512, lr=5e-4, steps=400_000),
+    "gas": dict(batch_size=512, lr=5e-4, steps=400_000),
+    "hepmass": dict(batch_size=256, lr=5e-4, steps=400_000),
+    "miniboone": dict(batch_size=128, lr=3e-4, steps=200_000),
+    "bsds300": dict(batch_size=512, lr=5e-4, steps=400_000),
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(dataset="digits", steps=6000, batch_size=128, lr=1e-3, warmup=200, schedule="cosine"),
     "toy2d": dict(dataset="two_moons", steps=5000, batch_size=256, lr=1e-3, warmup=200, schedule="cosine"),
@@ -98,20 +150,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   ckpt_every=2000, eval_every=5000),
     "cifar10": dict(dataset="cifar10", steps=200_000, batch_size=64, lr=1e-3, warmup=5000, schedule="constant",
                     ckpt_every=5000, eval_every=10_000),
-    # The tabular benchmarks: the preset picks the data set (and MAF's / NSF's sizes for it);
-    # the run settings stay train.py's defaults, since the papers' could not be checked here.
-    **{name: dict(dataset=name) for name in ("power", "gas", "hepmass", "miniboone", "bsds300")},
+    **{name: dict(dataset=name, **run) for name, run in TABULAR_RUNS.items()},
 }
 # Fields that belong to one invocation, never taken from a checkpoint's config.
 PER_INVOCATION = {"resume", "eval_only", "overwrite", "download", "out"}
 
 
 # Flags
-
-
-def _field_help() -> dict[str, str]:
-    """Each Config field's one-line comment, which is its flag's help."""
-    return dict(re.findall(r"^\s+(\w+): [^=]+= .*?  # (.+)$", inspect.getsource(Config), re.M))
 
 
 def _flag_type(hint: Any) -> tuple[type, list[str] | None]:
@@ -127,15 +172,15 @@ def _metavar(name: str, kind: type) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per Config field; only flags given appear in the parsed namespace."""
+    """One flag per Config field, its help from the field; only flags given appear in the namespace."""
     presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in s.items()) for name, s in PRESETS.items())
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS, epilog=f"Run settings of the presets: {presets}.",
     )
-    helps, hints = _field_help(), typing.get_type_hints(Config)
+    hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
-        flag, text = "--" + f.name.replace("_", "-"), f"{helps[f.name]} (default: {f.default})"
+        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
         kind, choices = _flag_type(hints[f.name])
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
@@ -155,52 +200,41 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, dict[str, Any] | Non
         raise ValueError(
             f"expected --steps or --epochs, got both (--steps {given['steps']} --epochs {given['epochs']})"
         )
-    payload = checkpoints.load_checkpoint(given["resume"]) if given.get("resume") else None
-    saved = {k: v for k, v in (payload or {}).get("config", {}).items()
-             if k in {f.name for f in dataclasses.fields(Config)} and k not in PER_INVOCATION}
-    preset = given.get("preset", saved.get("preset", Config.preset))
-    values = {**PRESETS.get(preset, {}), **saved, **given}
+    payload = load_checkpoint(given["resume"]) if given.get("resume") else None
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    saved = {k: v for k, v in (payload or {}).get("config", {}).items() if k in defaults and k not in PER_INVOCATION}
+    preset = given.get("preset", saved.get("preset", defaults["preset"]))
+    values = {**defaults, **PRESETS.get(preset, {}), **saved, **given}
     if "steps" in given:
         values["epochs"] = None
-    config = Config(**values)
-    if config.out is None:
-        name = f"{config.model}-{config.dataset}" + ("-conditional" if config.conditional else "")
-        config.out = str(Path(config.resume).parent if config.resume else Path("runs") / name)
-    check_config(config)
-    return config, payload
+    if values["out"] is None:
+        name = f"{values['model']}-{values['dataset']}" + ("-conditional" if values["conditional"] else "")
+        values["out"] = str(Path(values["resume"]).parent if values["resume"] else Path("runs") / name)
+    return Config(**values), payload
 
 
-def check_config(config: Config) -> None:
-    """Raises ``ValueError`` for names and numbers no run can use."""
-    if config.model not in models.MODELS:
-        raise ValueError(f"--model expected one of {', '.join(models.MODELS)}, got {config.model!r}")
-    presets = models.MODELS[config.model].PRESETS
-    if config.preset not in presets:
-        raise ValueError(f"--preset expected one of {', '.join(presets)} for {config.model}, got {config.preset!r}")
-    if config.dataset not in DATASETS:
-        raise ValueError(f"--dataset expected one of {', '.join(DATASETS)}, got {config.dataset!r}")
-    for name in ("steps", "batch_size", "log_every", "num_samples"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(config, name)}")
-    for name in ("warmup", "ckpt_every", "eval_every", "clip"):
-        if getattr(config, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} expected a number >= 0, got {getattr(config, name)}")
-    for name in ("lr", "temperature") + (("epochs",) if config.epochs is not None else ()):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} expected a positive number, got {getattr(config, name)}")
-    if config.eval_only and not config.resume:
-        raise ValueError("--eval-only expected a checkpoint to evaluate (--resume PATH), got none")
+def with_epochs_as_steps(config: Config, train_size: int, world_size: int) -> Config:
+    """``config`` with ``steps`` = ``epochs`` passes over ``train_size`` samples, if ``--epochs`` was given."""
+    if config.epochs is None:
+        return config
+    batches_per_epoch = train_size // (config.batch_size * world_size)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"--epochs expected an epoch of at least one batch, got {train_size} training samples for batches of "
+            f"{config.batch_size} x {world_size} process(es); lower --batch-size"
+        )
+    return dataclasses.replace(config, steps=math.ceil(config.epochs * batches_per_epoch))
 
 
 # The run
 
 
-def load_data(config: Config, procs: Processes) -> tuple[Dataset, Dataset]:
+def load_data(config: Config, procs: Processes) -> tuple[DataSplit, DataSplit]:
     """The train and test splits; under torchrun rank 0 downloads first while the others wait."""
-    def load(split: str, download: bool) -> Dataset:
-        ds = load_dataset(config.dataset, config.data_dir, split, download=download)
-        training.check_finite(ds.data, f"{config.dataset} {split} data")
-        return ds
+    def load(split: str, download: bool) -> DataSplit:
+        data = load_dataset(config.dataset, config.data_dir, split, download=download)
+        check_finite(data.data, f"{config.dataset} {split} data")
+        return data
 
     if procs.is_main:
         splits = load("train", config.download), load("test", config.download)
@@ -217,10 +251,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def make_state(config: Config, model: torch.nn.Module, steps: int) -> TrainState:
-    optimizer = training.build_optimizer(model, config.lr)
-    scheduler = training.build_scheduler(optimizer, config.warmup, steps, config.schedule)
-    scaler = training.make_scaler(config.amp, next(model.parameters()).device)
+def context_of(config: Config, data: DataSplit) -> torch.Tensor | None:
+    """The model's context for each sample: its one-hot class with ``--conditional``, else None."""
+    return data.class_context() if config.conditional else None
+
+
+def make_state(config: Config, model: torch.nn.Module) -> TrainState:
+    optimizer = build_optimizer(model, config.lr)
+    scheduler = build_scheduler(optimizer, config.warmup, config.steps, config.schedule)
+    scaler = make_scaler(config.amp, next(model.parameters()).device)
     return TrainState(model, optimizer, scheduler, scaler, asdict(config))
 
 
@@ -239,7 +278,7 @@ def report(procs: Processes, text: str) -> None:
         print(text, flush=True)
 
 
-def describe(config: Config, model: torch.nn.Module, train: Dataset, test: Dataset, device: torch.device,
+def describe(config: Config, model: torch.nn.Module, train: DataSplit, test: DataSplit, device: torch.device,
              procs: Processes) -> str:
     size = sum(p.numel() for p in model.parameters())
     levels = f", {train.num_levels} levels" if train.num_levels else ""
@@ -250,16 +289,10 @@ def describe(config: Config, model: torch.nn.Module, train: Dataset, test: Datas
             f"{config.batch_size}{scale} on {device}, amp {config.amp} -> {config.out}")
 
 
-def context_of(config: Config, ds: Dataset) -> torch.Tensor | None:
-    """The model's context for each sample of ``ds``: its one-hot class with ``--conditional``, else None."""
-    return ds.class_context() if config.conditional else None
-
-
-def finish(config: Config, model: torch.nn.Module, train: Dataset, test: Dataset, run: RunDir,
-           procs: Processes, log: metrics_log.MetricsLog, step: int) -> None:
+def finish(config: Config, model: torch.nn.Module, train: DataSplit, test: DataSplit, run: RunDir,
+           procs: Processes, log: MetricsLog, step: int, evaluator: Callable[[], EvalResult]) -> None:
     """Final test evaluation and pictures (rank 0 writes them)."""
-    result = training.evaluate(model, test.data, test.num_levels, 4 * config.batch_size, procs, config.seed,
-                               context_of(config, test))
+    result = evaluator()
     record = {"split": "test", "step": step, **result.as_dict()}
     report(procs, f"test: {result}")
     if test.density is not None:
@@ -272,49 +305,55 @@ def finish(config: Config, model: torch.nn.Module, train: Dataset, test: Dataset
         report(procs, f"true density: {entropy / dims:.4f} ± {stderr / dims:.4f} nats/dim ({what}), the best "
                       f"a model can reach; KL gap {record['kl_gap_per_dim']:.4f} nats/dim")
     log.write(record)
-    if not procs.is_main:
-        return
+    if procs.is_main:
+        written = draw(config, model, train, test, run)
+        report(procs, f"wrote {run.root}/: " + ", ".join(p.name for p in [run.config, run.metrics, run.checkpoint,
+                                                                          *written] if p.exists()))
+
+
+def draw(config: Config, model: torch.nn.Module, train: DataSplit, test: DataSplit, run: RunDir) -> list[Path]:
+    """The run's pictures: samples, the learned density of 2D data, the loss curve; returns their paths."""
     classes = train.num_classes if config.conditional else None
-    plots.save_samples(model, run.samples, config.num_samples, config.temperature, config.seed, train.data,
-                       num_classes=classes, labels=train.labels)
+    save_samples(model, run.samples, config.num_samples, config.temperature, config.seed, train.data,
+                 num_classes=classes, labels=train.labels)
     written = [run.samples]
     if train.kind == "toy2d" and classes:
-        plots.save_class_densities(model, run.density, train.data, classes, test.density.log_prob_given)
+        save_class_densities(model, run.density, train.data, classes, test.density.log_prob_given)
         written.append(run.density)
     elif train.kind == "toy2d":
-        plots.save_density(model, run.density, train.data, test.density.log_prob)
+        save_density(model, run.density, train.data, test.density.log_prob)
         written.append(run.density)
     if run.metrics.exists():
-        plots.save_loss_curve(metrics_log.read_metrics(run.metrics), run.loss)
+        save_loss_curve(read_metrics(run.metrics), run.loss)
         written.append(run.loss)
-    report(procs, f"wrote {run.root}/: " + ", ".join(p.name for p in [run.config, run.metrics, run.checkpoint, *written]
-                                                      if p.exists()))
+    return written
 
 
 def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device: torch.device) -> int:
     """Everything after the flags: data, model, checks, then training (or evaluation only)."""
     train, test = load_data(config, procs)
-    train_context = context_of(config, train)  # raises here, before any file is written, for unlabelled data
-    if config.epochs is not None:
-        config.steps = math.ceil(config.epochs * (len(train) // (config.batch_size * procs.world_size)))
-    seed_everything(config.seed)  # the same initialisation on every rank
+    train_context = context_of(config, train)  # raises here, before any file is written, for unlabeled data
+    config = with_epochs_as_steps(config, len(train), procs.world_size)
+    seed_everything(config.seed)  # the same initialization on every rank
     context_features = 0 if train_context is None else train_context.shape[1]
-    model = models.build_model(config.model, config.preset, train.shape, num_levels=train.num_levels,
-                               context_features=context_features).to(device)
+    model = build_model(config.model, config.preset, train.shape, num_levels=train.num_levels,
+                        context_features=context_features).to(device)
     if payload is not None:
-        checkpoints.check_compatible(payload, model, config.resume)
+        check_compatible(payload, model, config.resume)
     run_dir = RunDir(Path(config.out))
     check_run_dir(config, run_dir)
     seed_everything(config.seed + procs.rank)  # noise and sampling differ between ranks
-    state = make_state(config, model, config.steps)
-    log = metrics_log.MetricsLog(run_dir.metrics if procs.is_main else None)
+    state = make_state(config, model)
     if payload is not None:
-        checkpoints.restore(state, payload, procs)
+        restore(state, payload, procs)
         state.last_checkpoint = (config.resume, state.step)
+    evaluator = partial(evaluate, model, test.data, num_levels=test.num_levels, batch_size=4 * config.batch_size,
+                        procs=procs, seed=config.seed, context=context_of(config, test))
     if config.eval_only:
-        finish(config, model, train, test, run_dir, procs, metrics_log.MetricsLog(None), state.step)
+        finish(config, model, train, test, run_dir, procs, MetricsLog(None), state.step, evaluator)
         return 0
     # From here on files are written: every input has been checked.
+    log = MetricsLog(run_dir.metrics if procs.is_main else None)
     if procs.is_main:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         run_dir.config.write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -322,35 +361,33 @@ def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device
             run_dir.metrics.unlink(missing_ok=True)
         log.truncate_after(state.step)
     report(procs, describe(config, model, train, test, device, procs))
-    loader = training.make_train_loader(train.data, config.batch_size, config.seed, procs, device.type == "cuda",
-                                        train_context)
-    batches = training.train_batches(loader, state.step, device, next(model.parameters()).dtype, train.num_levels)
+    loader = make_train_loader(train.data, config.batch_size, config.seed, procs, device.type == "cuda", train_context)
+    batches = train_batches(loader, state.step, device, next(model.parameters()).dtype, train.num_levels)
     first = next(batches)
-    net = training.prepare_model(model, first, procs, device, config.compile)
-    settings = LoopSettings(config.steps, config.log_every, config.ckpt_every, config.eval_every, config.clip,
-                            config.amp, config.nonfinite)
-    evaluator = partial(training.evaluate, model, test.data, test.num_levels, 4 * config.batch_size, procs, config.seed,
-                        context_of(config, test))
-    outcome = training.fit(state, net, chain([first], batches), settings, procs, run_dir, evaluator)
+    net = prepare_model(model, first, procs, device, config.compile)
+    settings = LoopSettings(steps=config.steps, log_every=config.log_every, ckpt_every=config.ckpt_every,
+                            eval_every=config.eval_every, clip=config.clip, amp=config.amp,
+                            nonfinite=config.nonfinite)
+    outcome = fit(state, net, chain([first], batches), settings, procs, run_dir, evaluator)
     if outcome == "interrupted":
         report(procs, f"interrupted at step {state.step}: checkpoint written to {run_dir.checkpoint}; continue "
                       f"with: python train.py --resume {run_dir.checkpoint}")
         return 130
-    finish(config, model, train, test, run_dir, procs, log, state.step)
+    finish(config, model, train, test, run_dir, procs, log, state.step, evaluator)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parses the flags, checks every input, then trains; returns the exit status."""
-    reuse_freed_memory()  # CPU steps run faster without page faults (models/allocator.py)
+    reuse_freed_memory()  # CPU steps run faster without page faults (models/training/allocator.py)
     config, payload = resolve_config(argv)
-    procs, device = training.setup_processes(config.device)
+    procs, device = setup_processes(config.device)
     try:
         status = run(config, payload, procs, device)
     except BaseException:
-        training.teardown_processes(wait=False)
+        teardown_processes(wait=False)
         raise
-    training.teardown_processes()
+    teardown_processes()
     return status
 
 

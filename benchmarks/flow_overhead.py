@@ -7,7 +7,7 @@ optimizer). The ratio is
 what the flow itself (ActNorm, 1x1 convolutions, squeezes, splits, log-dets, the
 preprocessing and the base density) costs on top. Target: at most 1.15 on CPU.
 
-Both run with the host-memory setting train.py uses (``models.allocator``), unless
+Both run with the host-memory setting train.py uses (``models.training.allocator``), unless
 ``--glibc-defaults`` is given; ``--compile`` puts both losses through ``torch.compile``
 (as ``train.py --compile`` does the model's; about 2 minutes of compiling first).
 
@@ -29,7 +29,7 @@ import flows  # noqa: E402
 from benchmarks.timing import machine, median_seconds  # noqa: E402
 from models import Glow  # noqa: E402
 from models import training  # noqa: E402
-from models.allocator import reuse_freed_memory  # noqa: E402
+from models.training.allocator import reuse_freed_memory  # noqa: E402
 
 ROUNDS = 15
 
@@ -54,7 +54,7 @@ def input_shapes(model: nn.Module, nets: list[nn.Module], x: torch.Tensor) -> li
 def main() -> None:
     allocator = "glibc defaults"
     if "--glibc-defaults" not in sys.argv[1:] and reuse_freed_memory():
-        allocator = "freed memory reused (models.allocator, as train.py)"
+        allocator = "freed memory reused (models.training.allocator, as train.py)"
     torch.manual_seed(0)
     model = Glow((3, 32, 32), num_levels=256, num_scales=3, num_steps=8, hidden_features=128)
     x = torch.rand(32, 3, 32, 32) * 256

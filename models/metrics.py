@@ -1,4 +1,4 @@
-"""Likelihood metrics: uniform dequantisation, nats, and bits per dimension.
+"""Likelihood metrics: uniform dequantization, nats, and bits per dimension.
 
 Discrete data ``x`` with ``K = num_levels`` integer levels per value (0..K-1) has no
 density, so a flow is fitted to a continuous variable made by adding uniform noise
@@ -50,7 +50,7 @@ def _check_num_dims(num_dims: int) -> None:
 def dequantize(
     x_levels: Tensor, num_levels: int, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Uniform dequantisation of integer levels onto ``[0, 1)``: ``y = (x + u) / K``.
+    """Uniform dequantization of integer levels onto ``[0, 1)``: ``y = (x + u) / K``.
 
     ``u ~ U[0, 1)`` independently per value, so the level ``x`` covers the bin
     ``[x / K, (x + 1) / K)`` (up to rounding at interior bin edges; the result is always

@@ -14,9 +14,11 @@ import numpy
 import pytest
 import torch
 
-import models.data
 import train
-from models import checkpoints, metrics_log, training
+from models.data import load_dataset
+from models.training import loop
+from models.training.checkpoints import load_checkpoint
+from models.training.metrics_log import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--device", "cpu", "--log-every", "2", "--num-samples", "4"]
@@ -27,7 +29,7 @@ def run(tmp: Path, *flags: str) -> int:
 
 
 def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return checkpoints.load_checkpoint(path)["model"]
+    return load_checkpoint(path)["model"]
 
 
 def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,7 +39,7 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     for field in dataclasses.fields(train.Config):
         assert f"--{field.name.replace('_', '-')}" in text
-        assert " ".join(train._field_help()[field.name].split()) in text
+        assert " ".join(field.metadata["help"].split()) in text
     assert "torchrun --standalone" in text and "Run settings of the presets: digits:" in text
 
 
@@ -47,7 +49,7 @@ def test_a_short_run_writes_config_metrics_checkpoint_and_pictures(tmp_path: Pat
     assert names == {"config.json", "metrics.jsonl", "checkpoint.pt", "samples.png", "loss.png"}
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model"] == "realnvp" and config["steps"] == 3  # ceil(0.1 * (1497 // 64))
-    records = metrics_log.read_metrics(tmp_path / "metrics.jsonl")
+    records = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("test", 2), ("train", 3), ("test", 3)]
     assert all(r["bits_per_dim"] > 0 for r in records)
     out = capsys.readouterr().out
@@ -58,7 +60,7 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path: Path, monke
     flags = ["--model", "glow", "--steps", "6", "--warmup", "2", "--ckpt-every", "0"]
     assert run(tmp_path / "straight", *flags) == 0
     calls = []
-    step = training.train_step
+    step = loop.train_step  # the step fit calls
 
     def interrupted_step(*args, **kwargs):
         calls.append(1)
@@ -66,17 +68,17 @@ def test_interrupt_then_resume_equals_an_uninterrupted_run(tmp_path: Path, monke
             os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C during step 3: the loop stops after it
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "train_step", interrupted_step)
+    monkeypatch.setattr(loop, "train_step", interrupted_step)
     assert run(tmp_path / "resumed", *flags) == 130
-    assert checkpoints.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
-    monkeypatch.setattr(training, "train_step", step)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 3
+    monkeypatch.setattr(loop, "train_step", step)
     assert train.main([*FAST, "--resume", str(tmp_path / "resumed" / "checkpoint.pt")]) == 0
     for (name, a), b in zip(tensors(tmp_path / "straight" / "checkpoint.pt").items(),
                             tensors(tmp_path / "resumed" / "checkpoint.pt").values(), strict=True):
         assert torch.equal(a, b), name
 
     def train_records(run_dir: str) -> list[tuple]:
-        rows = metrics_log.read_metrics(tmp_path / run_dir / "metrics.jsonl")
+        rows = read_metrics(tmp_path / run_dir / "metrics.jsonl")
         return [(r["step"], r["loss"], r["lr"]) for r in rows if r["split"] == "train"]
 
     assert train_records("straight") == train_records("resumed")
@@ -100,10 +102,10 @@ def test_a_conditional_toy_run_draws_each_class_and_reports_the_conditional_gap(
     assert run(tmp_path, "--model", "nsf", "--preset", "toy2d", "--dataset", "two_moons", "--conditional",
                "--steps", "2", "--batch-size", "32") == 0
     assert (tmp_path / "density.png").stat().st_size > 1000
-    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["model_config"]["context_features"] == 2 and payload["config"]["conditional"] is True
-    final = metrics_log.read_metrics(tmp_path / "metrics.jsonl")[-1]
-    floor = models.data.load_dataset("two_moons").density.conditional_entropy()[0] / 2
+    final = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    floor = load_dataset("two_moons").density.conditional_entropy()[0] / 2
     assert final["split"] == "test" and final["entropy_per_dim"] == pytest.approx(floor, rel=1e-12)
     assert "(H(X | class))" in capsys.readouterr().out
 
@@ -111,7 +113,7 @@ def test_a_conditional_toy_run_draws_each_class_and_reports_the_conditional_gap(
 def test_a_conditional_digits_run_resumes_with_its_context(tmp_path: Path) -> None:
     assert run(tmp_path, "--conditional", "--model", "glow", "--steps", "2", "--batch-size", "32") == 0
     assert train.main([*FAST, "--resume", str(tmp_path / "checkpoint.pt"), "--steps", "3"]) == 0
-    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
+    payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["step"] == 3 and payload["model_config"]["context_features"] == 10
 
 
@@ -120,6 +122,36 @@ def test_a_tabular_preset_picks_its_data_set() -> None:
     assert config.dataset == "hepmass" and config.out == str(Path("runs") / "nsf-hepmass")
     config, _ = train.resolve_config(["--model", "maf", "--preset", "power", "--dataset", "mixture10d"])
     assert config.dataset == "mixture10d"  # a flag given wins over the preset
+
+
+@pytest.mark.parametrize(("preset", "batch_size", "lr", "steps"), [
+    ("power", 512, 5e-4, 400_000), ("gas", 512, 5e-4, 400_000), ("hepmass", 256, 5e-4, 400_000),
+    ("miniboone", 128, 3e-4, 200_000), ("bsds300", 512, 5e-4, 400_000),
+])
+def test_tabular_presets_train_with_the_nsf_papers_settings(preset, batch_size, lr, steps) -> None:
+    # Durkan et al. 2019, arXiv:1906.04032, appendix B.
+    config, _ = train.resolve_config(["--model", "nsf", "--preset", preset])
+    assert (config.batch_size, config.lr, config.steps) == (batch_size, lr, steps)
+    config, _ = train.resolve_config(["--model", "nsf", "--preset", preset, "--lr", "1e-3"])
+    assert config.lr == 1e-3  # a flag given wins
+
+
+def test_a_config_is_checked_when_made_and_never_changed() -> None:
+    config = train.Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.steps = 0
+    with pytest.raises(ValueError, match=r"--steps expected a positive integer, got 0"):
+        dataclasses.replace(config, steps=0)
+    epochs = dataclasses.replace(config, epochs=0.5, batch_size=64)
+    assert train.with_epochs_as_steps(epochs, 1497, 1).steps == 12  # ceil(0.5 * (1497 // 64))
+    assert train.with_epochs_as_steps(config, 1497, 1) is config  # no --epochs: unchanged
+    with pytest.raises(ValueError, match=r"--epochs expected an epoch of at least one batch, got 100 training samples"):
+        train.with_epochs_as_steps(epochs, 100, 2)
+
+
+def test_every_field_carries_its_flag_help() -> None:
+    for field in dataclasses.fields(train.Config):
+        assert field.metadata["help"].strip(), field.name
 
 
 def test_conditional_on_a_set_without_labels_fails_before_writing(tmp_path: Path) -> None:
@@ -185,5 +217,5 @@ def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x 2 processes" in result.stdout and result.stdout.count("test: ") == 1  # rank 0 alone prints
-    records = metrics_log.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("train", 4), ("test", 4)]

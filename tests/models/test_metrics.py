@@ -1,4 +1,4 @@
-"""Tests of models/metrics.py: dequantisation, bits per dimension, mean and stderr."""
+"""Tests of models/metrics.py: dequantization, bits per dimension, mean and stderr."""
 
 from __future__ import annotations
 

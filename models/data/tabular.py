@@ -8,22 +8,23 @@ nflows), unpacked into ``data_dir``, and preprocessed and split as in the papers
 * ``power/data.npy``: rows shuffled with seed 42; columns 1 and 3 dropped; uniform noise
   added (0.001 and 0.01 times U(0, 1) on the first two columns, U(0, 1) on the next three,
   none on the last); the last 10% is test, the last 10% of the rest validation;
-  standardised by the mean and std of train + validation. D = 6.
+  standardized by the mean and std of train + validation. D = 6.
 * ``gas/ethylene_CO.pickle`` (a pandas DataFrame; needs pandas): columns Meth, Eth and
   Time dropped, then, while a column has a Pearson correlation above 0.98 with another,
-  the first such column; standardised by the whole set's mean and std (ddof 1); split
+  the first such column; standardized by the whole set's mean and std (ddof 1); split
   as POWER, without shuffling. D = 8.
 * ``hepmass/1000_train.csv`` and ``1000_test.csv``: rows of class 1 only, label column
-  dropped, and the test file's last column; standardised by the train file's mean and
+  dropped, and the test file's last column; standardized by the train file's mean and
   std (ddof 1); columns whose smallest value occurs more than 5 times in train (the
   discrete ones) dropped, and constant ones; the last 10% of train is validation. D = 21.
 * ``miniboone/data.npy`` (outliers and discrete columns already removed): split as POWER
-  without shuffling, standardised by train + validation. D = 43.
+  without shuffling, standardized by train + validation. D = 43.
 * ``BSDS300/BSDS300.hdf5`` (needs h5py): its ``train``, ``validation`` and ``test``
   arrays as they are. D = 63.
 
-``TABULAR`` maps each name (and ``"mixture10d"``) to a loader ``(DataRequest) -> Dataset``
-for ``models.data.DATASETS``; splits are ``"train"``, ``"validation"`` and ``"test"``.
+``TABULAR`` maps each name (and ``"mixture10d"``, see :mod:`models.data.mixture`) to a loader
+``(DataRequest) -> DataSplit`` for ``models.data.DATASETS``; each has the three splits
+``"train"``, ``"validation"`` and ``"test"``.
 """
 
 from __future__ import annotations
@@ -32,24 +33,19 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from models.mixture import GaussianMixture
-
-if TYPE_CHECKING:
-    from models.data import DataRequest, Dataset
+from .mixture import load_mixture
+from .split import SPLITS, DataRequest, DataSplit, Loader, check_split, keep_first
 
 __all__ = ["TABULAR", "TABULAR_FILES", "load_tabular", "load_vectors", "vectors_loader"]
 
 SOURCE = "https://zenodo.org/record/1161203 (data.tar.gz of Papamakarios et al., MAF, 2017)"
-SPLITS = ("train", "validation", "test")
 POWER_SEED = 42  # gpapamak/maf datasets/power.py
 GAS_MAX_CORRELATION = 0.98
 HEPMASS_MAX_REPEATS = 5
-MIXTURE_SIZES = {"train": 50_000, "validation": 10_000, "test": 10_000}
 
 # Data set -> (folder in data_dir, files it needs).
 TABULAR_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -63,7 +59,7 @@ TABULAR_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
 Splits = dict[str, np.ndarray]
 
 
-# --- splitting and standardising ---------------------------------------------------
+# --- splitting and standardizing ---------------------------------------------------
 
 
 def split_tail(values: np.ndarray, fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +75,7 @@ def three_way(values: np.ndarray) -> Splits:
     return {"train": train, "validation": validation, "test": test}
 
 
-def standardise(splits: Splits, reference: np.ndarray, ddof: int = 0) -> Splits:
+def standardize(splits: Splits, reference: np.ndarray, ddof: int = 0) -> Splits:
     """Every split minus ``reference``'s column means, over its column stds (1 where 0)."""
     mean, std = reference.mean(0), reference.std(0, ddof=ddof)
     std = np.where(std > 0, std, 1.0)
@@ -103,7 +99,7 @@ def power_splits(directory: Path) -> Splits:
     voltage, gap, metering = 0.01 * rng.rand(n, 1), 0.001 * rng.rand(n, 1), rng.rand(n, 3)
     values = values + np.hstack([gap, voltage, metering, np.zeros((n, 1))])
     splits = three_way(values)
-    return standardise(splits, np.vstack([splits["train"], splits["validation"]]))
+    return standardize(splits, np.vstack([splits["train"], splits["validation"]]))
 
 
 def gas_splits(directory: Path) -> Splits:
@@ -114,7 +110,7 @@ def gas_splits(directory: Path) -> Splits:
     frame = pandas.read_pickle(path).drop(columns=["Meth", "Eth", "Time"])
     values = frame.to_numpy(dtype=np.float64)
     values = values[:, drop_correlated(values, GAS_MAX_CORRELATION)]
-    return three_way(standardise({"all": values}, values, ddof=1)["all"])
+    return three_way(standardize({"all": values}, values, ddof=1)["all"])
 
 
 def drop_correlated(values: np.ndarray, threshold: float) -> list[int]:
@@ -171,7 +167,7 @@ def miniboone_splits(directory: Path) -> Splits:
     values = np.load(directory / "data.npy").astype(np.float64)
     _check_columns("MINIBOONE", directory / "data.npy", values, None)
     splits = three_way(values)
-    return standardise(splits, np.vstack([splits["train"], splits["validation"]]))
+    return standardize(splits, np.vstack([splits["train"], splits["validation"]]))
 
 
 def bsds300_splits(directory: Path) -> Splits:
@@ -197,17 +193,9 @@ def _check_columns(label: str, path: Path, values: np.ndarray, columns: int | No
         raise ValueError(f"{label}: expected an array of shape {expected} in {path}, got {values.shape}")
 
 
-def _dataset(
-    name: str, values: np.ndarray | torch.Tensor, density: GaussianMixture | None = None,
-    labels: torch.Tensor | None = None,
-) -> Dataset:
-    """A float32 ``Dataset`` of kind ``"vector"`` (labelled by ``density``'s classes, if given)."""
-    # Imported here, not at the top: models.data imports this module for its registry.
-    from models.data import Dataset
-
-    points = torch.from_numpy(values.astype(np.float32)) if isinstance(values, np.ndarray) else values.float()
-    classes = None if labels is None else density.num_classes
-    return Dataset(name, points, "vector", labels=labels, density=density, num_classes=classes)
+def _vectors(name: str, values: np.ndarray) -> DataSplit:
+    """A float32 ``DataSplit`` of kind ``"vector"``."""
+    return DataSplit(name, torch.from_numpy(values.astype(np.float32)), "vector")
 
 
 def _optional(module: str, purpose: str) -> ModuleType:
@@ -222,7 +210,7 @@ def _optional(module: str, purpose: str) -> ModuleType:
 # --- loading -------------------------------------------------------------------------
 
 
-def load_tabular(name: str, data_dir: str | Path = "data", split: str = "train") -> Dataset:
+def load_tabular(name: str, data_dir: str | Path = "data", split: str = "train") -> DataSplit:
     """One split of a MAF-paper data set, preprocessed as in the paper.
 
     Args:
@@ -231,14 +219,14 @@ def load_tabular(name: str, data_dir: str | Path = "data", split: str = "train")
         split: ``"train"``, ``"validation"`` or ``"test"``.
 
     Returns:
-        A ``models.data.Dataset`` of kind ``"vector"``: float32 ``(N, D)``.
+        A :class:`~models.data.split.DataSplit` of kind ``"vector"``: float32 ``(N, D)``.
 
     Raises:
         FileNotFoundError: naming the folder, the files expected there and their source.
     """
     if name not in READERS:
         raise ValueError(f"load_tabular expected one of {sorted(READERS)}, got {name!r}")
-    _check_split(split)
+    check_split(split, name)
     folder, files = TABULAR_FILES[name]
     directory = Path(data_dir) / folder
     missing = [file for file in files if not (directory / file).is_file()]
@@ -247,8 +235,7 @@ def load_tabular(name: str, data_dir: str | Path = "data", split: str = "train")
             f"{name.upper()}: expected {', '.join(files)} in {directory}, missing {', '.join(missing)}; "
             f"download {SOURCE} and unpack it so that {directory} holds them"
         )
-    values = READERS[name](directory)[split]
-    return _dataset(name, values)
+    return _vectors(name, READERS[name](directory)[split])
 
 
 def load_vectors(
@@ -257,11 +244,11 @@ def load_vectors(
     seed: int = 0,
     test_fraction: float = 0.1,
     validation_fraction: float = 0.1,
-) -> Dataset:
+) -> DataSplit:
     """Any ``.npy`` or ``.csv`` file of vectors ``(N, D)`` as a data set.
 
     Rows are shuffled with ``seed``; the last ``test_fraction`` is test and the last
-    ``validation_fraction`` of the rest validation; every split is standardised by the
+    ``validation_fraction`` of the rest validation; every split is standardized by the
     train split's column means and stds (std 1 for a constant column). A CSV file may have
     one header line.
 
@@ -273,7 +260,7 @@ def load_vectors(
         torch.Size([10, 3])
     """
     path = Path(path)
-    _check_split(split)
+    check_split(split, path.stem)
     if not 0 <= test_fraction < 1 or not 0 <= validation_fraction < 1:
         raise ValueError(
             f"load_vectors expected fractions in [0, 1), got test_fraction={test_fraction}, "
@@ -283,8 +270,8 @@ def load_vectors(
     values = values[np.random.default_rng(seed).permutation(values.shape[0])]
     rest, test = split_tail(values, test_fraction)
     train, validation = split_tail(rest, validation_fraction)
-    splits = standardise({"train": train, "validation": validation, "test": test}, train)
-    return _dataset(path.stem, splits[split])
+    splits = standardize({"train": train, "validation": validation, "test": test}, train)
+    return _vectors(path.stem, splits[split])
 
 
 def _read_vectors(path: Path) -> np.ndarray:
@@ -316,52 +303,27 @@ def _is_number(field: str) -> bool:
     return True
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-
-
 # --- registry ------------------------------------------------------------------------
 
 
-def _first(dataset: Dataset, request: DataRequest) -> Dataset:
-    n = request.num_samples
-    if n is None:
-        return dataset
-    if n > len(dataset):
-        raise ValueError(f"num_samples: {dataset.name} {request.split} has {len(dataset)} samples, got {n}")
-    return _dataset(dataset.name, dataset.data[:n], dataset.density)
-
-
-def _tabular_loader(name: str) -> Callable[[DataRequest], Dataset]:
-    def load(request: DataRequest) -> Dataset:
-        return _first(load_tabular(name, request.data_dir, request.split), request)
+def _tabular_loader(name: str) -> Loader:
+    def load(request: DataRequest) -> DataSplit:
+        return keep_first(load_tabular(name, request.data_dir, request.split), request)
 
     return load
 
 
-def vectors_loader(path: str | Path, **options) -> Callable[[DataRequest], Dataset]:
+def vectors_loader(path: str | Path, **options) -> Loader:
     """A ``DATASETS`` loader for a file of vectors (see :func:`load_vectors`; ``options``
     are its fractions); the request's ``seed`` chooses the shuffle."""
 
-    def load(request: DataRequest) -> Dataset:
-        return _first(load_vectors(path, request.split, request.seed, **options), request)
+    def load(request: DataRequest) -> DataSplit:
+        return keep_first(load_vectors(path, request.split, request.seed, **options), request)
 
     return load
 
 
-def load_mixture(request: DataRequest) -> Dataset:
-    """``mixture10d``: a fixed-seed sample of :class:`GaussianMixture` (10-D, 5 components);
-    50,000 train and 10,000 validation / test points by default; ``density`` is exact."""
-    _check_split(request.split)
-    density = GaussianMixture(dim=10, num_components=5)
-    n = request.num_samples or MIXTURE_SIZES[request.split]
-    generator = torch.Generator().manual_seed(3 * request.seed + SPLITS.index(request.split))
-    points, labels = density.sample_labelled(n, generator)  # labels: the component of each point
-    return _dataset("mixture10d", points, density, labels)
-
-
-TABULAR: dict[str, Callable[[DataRequest], Dataset]] = {
+TABULAR: dict[str, Loader] = {
     **{name: _tabular_loader(name) for name in READERS},
     "mixture10d": load_mixture,
 }

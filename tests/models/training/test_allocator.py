@@ -1,4 +1,8 @@
-"""Tests of models/allocator.py: the host-memory setting of train.py."""
+"""Tests of models/training/allocator.py: the host-memory setting of train.py.
+
+Each test runs in a subprocess: the setting is process-wide (glibc's malloc), and would
+otherwise change the allocator of every test after it in the pytest process.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from models.allocator import reuse_freed_memory
-
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 # Frees and reallocates 64 MB blocks, as a training step frees and reallocates its
@@ -19,7 +21,7 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # threshold glibc picks by itself (32 MB), so by default every block is a fresh mmap.
 CHURN = """
 import resource, sys, torch
-from models.allocator import reuse_freed_memory
+from models.training.allocator import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
 def churn():
@@ -31,20 +33,22 @@ churn()
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
+APPLIES = "from models.training.allocator import reuse_freed_memory; print(reuse_freed_memory())"
 
-def _faults(mode: str) -> int:
-    result = subprocess.run([sys.executable, "-c", CHURN, mode], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, check=True)
-    return int(result.stdout.split()[-1])
+
+def _python(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            check=True)
+    return result.stdout.split()[-1]
 
 
 def test_reuse_freed_memory_says_whether_it_applies() -> None:
-    assert reuse_freed_memory() is GLIBC
+    assert _python("-c", APPLIES) == str(GLIBC)
 
 
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's")
 def test_reused_memory_is_not_faulted_in_again() -> None:
     # Measured: 81,925 faults by default (5 blocks of 16,384 pages of 4 kB), 0 with the
     # setting. With transparent huge pages a block takes 32 faults, so the bound is loose.
-    default, reuse = _faults("default"), _faults("reuse")
+    default, reuse = int(_python("-c", CHURN, "default")), int(_python("-c", CHURN, "reuse"))
     assert default > 100 and reuse * 10 < default, (default, reuse)

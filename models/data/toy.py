@@ -1,16 +1,12 @@
-"""Toy 2D densities whose true density is known, for checking what a flow learned.
+"""Toy 2D densities whose true density is known, for checking what a flow learned, and
+their data sets.
 
-Each density samples exactly, evaluates its normalised ``log_prob`` in vectorised torch,
-and knows its differential entropy ``H = E[-log p(X)]``: the floor of the test NLL in
-nats that a perfect model reaches. Each is an equal mixture of ``num_classes`` parts
-(squares, Gaussians, rings, moons), and a sample's label names its part, so the same
-sets serve class-conditional density estimation: ``log_prob_given(x, labels)`` is the
-exact ``log p(x | class)`` and ``conditional_entropy()`` its floor ``H(X | class)``. ``bounds`` is a box holding all of the mass but a
-negligible tail (< 1e-12), for plots and for the normalisation tests.
-
-Samples are drawn on the CPU in float64 (so a seed gives the same points whatever the
-default dtype) and returned in the default dtype; ``log_prob`` computes in float64 on
-``x``'s device and returns ``x``'s dtype.
+Each is a :class:`~models.data.known.KnownDensity` (exact sampling, normalized
+``log_prob``, entropy) and an equal mixture of ``num_classes`` parts (squares, Gaussians,
+rings, moons) whose labels name the part, so the same sets serve class-conditional
+density estimation. ``TOY`` maps each name to a loader: a fixed-seed sample of the true
+density, 50,000 points for ``train`` and 10,000 for ``test`` by default;
+``DataSplit.density`` is the density.
 """
 
 from __future__ import annotations
@@ -21,103 +17,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.metrics import nats_mean_and_stderr
+from .known import KnownDensity
+from .split import DataRequest, DataSplit, Loader, check_split
 
-__all__ = ["ToyDensity", "Checkerboard", "EightGaussians", "Rings", "TwoMoons", "TOY_DENSITIES"]
+__all__ = ["Checkerboard", "EightGaussians", "Rings", "TwoMoons", "TOY_DENSITIES", "TOY"]
 
-ENTROPY_SAMPLES = 100_000  # Monte Carlo entropy: standard errors of ~3e-3 nats
-ENTROPY_SEED = 0
+TOY_SIZES = {"train": 50_000, "test": 10_000}  # the splits of a toy set and their default sizes
 _CHUNK_ELEMENTS = 1 << 22  # (points x components) per chunk of a mixture's log_prob
 
 
-class ToyDensity:
-    """Base class: a 2D density with exact sampling, ``log_prob`` and entropy.
-
-    Subclasses set ``num_classes`` and implement ``_sample(n, generator)`` (float64
-    points and their int64 labels), ``log_prob`` and ``_log_prob_given``; those without
-    closed-form entropies inherit the Monte Carlo :meth:`entropy` and
-    :meth:`conditional_entropy`.
-    """
-
-    bounds: tuple[tuple[float, float], tuple[float, float]]
-    num_classes: int
-    _entropy: tuple[float, float] | None = None
-    _conditional_entropy: tuple[float, float] | None = None
-
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Draws ``n`` independent points, shape ``(n, 2)``, in the default dtype."""
-        return self.sample_labelled(n, generator)[0]
-
-    def sample_labelled(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Draws ``n`` points ``(n, 2)`` (default dtype) with the label of each one's class, ``(n,)`` int64.
-
-        The same draws as :meth:`sample` with the same generator: the labels come free.
-        """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"{type(self).__name__}.sample: expected n >= 1, got {n!r}")
-        points, labels = self._sample(n, generator)
-        return points.to(torch.get_default_dtype()), labels
-
-    def log_prob(self, x: Tensor) -> Tensor:
-        """The exact log-density at each of the ``(N, 2)`` points, shape ``(N,)``."""
-        raise NotImplementedError
-
-    def log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
-        """The exact ``log p(x | class)`` of ``(N, 2)`` points given ``(N,)`` labels, shape ``(N,)``.
-
-        For the equal mixtures here ``log_prob(x) = logsumexp_k(log_prob_given(x, k)) - log num_classes``.
-        """
-        self._check_points(x)
-        if labels.shape != x.shape[:1] or labels.dtype != torch.int64:
-            raise ValueError(
-                f"{type(self).__name__}.log_prob_given: expected int64 labels of shape ({x.shape[0]},), got "
-                f"{labels.dtype} {tuple(labels.shape)}"
-            )
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(
-                f"{type(self).__name__}.log_prob_given: expected labels in 0..{self.num_classes - 1}, got "
-                f"{sorted(set(labels[(labels < 0) | (labels >= self.num_classes)].tolist()))[:5]}"
-            )
-        return self._log_prob_given(x, labels.to(x.device))
-
-    def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def conditional_entropy(self) -> tuple[float, float]:
-        """``H(X | class)`` in nats and its standard error: the floor of a class-conditional model's NLL.
-
-        Monte Carlo over ``ENTROPY_SAMPLES`` labelled points drawn with ``ENTROPY_SEED``. Cached.
-        """
-        if self._conditional_entropy is None:
-            generator = torch.Generator().manual_seed(ENTROPY_SEED)
-            points, labels = self._sample(ENTROPY_SAMPLES, generator)
-            self._conditional_entropy = nats_mean_and_stderr(-self._log_prob_given(points, labels))
-        return self._conditional_entropy
-
-    def entropy(self) -> tuple[float, float]:
-        """Differential entropy in nats and its standard error.
-
-        Monte Carlo: the mean of ``-log p`` over ``ENTROPY_SAMPLES`` points drawn with
-        the fixed seed ``ENTROPY_SEED``, so the value is reproducible. Cached.
-        """
-        if self._entropy is None:
-            generator = torch.Generator().manual_seed(ENTROPY_SEED)
-            points, _ = self._sample(ENTROPY_SAMPLES, generator)
-            self._entropy = nats_mean_and_stderr(-self.log_prob(points))
-        return self._entropy
-
-    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
-        raise NotImplementedError
-
-    def _check_points(self, x: Tensor) -> None:
-        if x.dim() != 2 or x.shape[1] != 2:
-            raise ValueError(
-                f"{type(self).__name__}.log_prob: expected points of shape (N, 2), "
-                f"got {tuple(x.shape)}"
-            )
-
-
-def _mixture_log_prob(x: Tensor, centres: Tensor, log_weights: Tensor, std: float) -> Tensor:
+def _mixture_log_prob(x: Tensor, centers: Tensor, log_weights: Tensor, std: float) -> Tensor:
     """``log sum_k w_k N(x; c_k, std^2 I)`` for ``x`` (N, 2), in float64, chunked over points.
 
     The exponent ``log w_k - |x - c_k|^2 / (2 std^2)`` is expanded as
@@ -126,18 +35,18 @@ def _mixture_log_prob(x: Tensor, centres: Tensor, log_weights: Tensor, std: floa
     """
     var = std**2
     wide = x.to(torch.float64)
-    centres, log_weights = centres.to(wide.device), log_weights.to(wide.device)
-    offsets = log_weights - centres.square().sum(dim=1) / (2.0 * var)  # (K,)
-    chunk = max(1, _CHUNK_ELEMENTS // centres.shape[0])
+    centers, log_weights = centers.to(wide.device), log_weights.to(wide.device)
+    offsets = log_weights - centers.square().sum(dim=1) / (2.0 * var)  # (K,)
+    chunk = max(1, _CHUNK_ELEMENTS // centers.shape[0])
     parts = []
     for xs in wide.split(chunk):
-        exponents = torch.addmm(offsets, xs, centres.T, alpha=1.0 / var)  # (n, K)
+        exponents = torch.addmm(offsets, xs, centers.T, alpha=1.0 / var)  # (n, K)
         parts.append(torch.logsumexp(exponents, dim=1))
     log_norm = -math.log(2.0 * math.pi * var)
     return (torch.cat(parts) - wide.square().sum(dim=1) / (2.0 * var) + log_norm).to(x.dtype)
 
 
-class Checkerboard(ToyDensity):
+class Checkerboard(KnownDensity):
     """Uniform on the 8 black squares of a 4x4 board on ``[-4, 4)^2``.
 
     Square ``(i, j)`` is ``[-4 + 2i, -2 + 2i) x [-4 + 2j, -2 + 2j)`` and black when
@@ -194,7 +103,7 @@ class Checkerboard(ToyDensity):
         return math.log(self.area / self.num_classes), 0.0
 
 
-class EightGaussians(ToyDensity):
+class EightGaussians(KnownDensity):
     """Equal mixture of 8 isotropic Gaussians on a circle: ``c_k = r (cos, sin)(k pi/4)``.
 
     Class ``k`` is Gaussian ``k``, so ``H(X | class) = 1 + log(2 pi std^2)`` exactly.
@@ -213,7 +122,7 @@ class EightGaussians(ToyDensity):
             raise ValueError(f"EightGaussians: expected radius > 0 and std > 0, got {radius}, {std}")
         self.radius, self.std = radius, std
         angles = torch.arange(8, dtype=torch.float64) * (math.pi / 4.0)
-        self.centres = radius * torch.stack([angles.cos(), angles.sin()], dim=1)  # (8, 2)
+        self.centers = radius * torch.stack([angles.cos(), angles.sin()], dim=1)  # (8, 2)
         edge = radius + 8.0 * std  # 8 std: tail mass exp(-32) ~ 1e-14
         self.bounds = ((-edge, edge), (-edge, edge))
 
@@ -222,11 +131,11 @@ class EightGaussians(ToyDensity):
     def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         k = torch.randint(0, 8, (n,), generator=generator)
         noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
-        return self.centres[k] + self.std * noise, k
+        return self.centers[k] + self.std * noise, k
 
     def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
         var = self.std**2
-        sq = (x.to(torch.float64) - self.centres.to(x.device)[labels]).square().sum(dim=1)
+        sq = (x.to(torch.float64) - self.centers.to(x.device)[labels]).square().sum(dim=1)
         return (-sq / (2.0 * var) - math.log(2.0 * math.pi * var)).to(x.dtype)
 
     def conditional_entropy(self) -> tuple[float, float]:
@@ -236,10 +145,10 @@ class EightGaussians(ToyDensity):
     def log_prob(self, x: Tensor) -> Tensor:
         self._check_points(x)
         log_weights = torch.full((8,), -math.log(8.0), dtype=torch.float64)
-        return _mixture_log_prob(x, self.centres, log_weights, self.std)
+        return _mixture_log_prob(x, self.centers, log_weights, self.std)
 
 
-class Rings(ToyDensity):
+class Rings(KnownDensity):
     """Equal mixture of rings: a uniform point on a circle of radius ``R_k`` plus noise.
 
     Each ring is the uniform distribution on its circle convolved with
@@ -278,8 +187,8 @@ class Rings(ToyDensity):
         r = x.to(torch.float64).norm(dim=1, keepdim=True)  # (N, 1)
         radii = self.radii.to(r.device)
         var = self.std**2
-        log_unnormalised = -(r - radii).pow(2) / (2 * var) + torch.special.i0e(r * radii / var).log()
-        return log_unnormalised - math.log(2.0 * math.pi * var)
+        log_unnormalized = -(r - radii).pow(2) / (2 * var) + torch.special.i0e(r * radii / var).log()
+        return log_unnormalized - math.log(2.0 * math.pi * var)
 
     def log_prob(self, x: Tensor) -> Tensor:
         self._check_points(x)
@@ -289,7 +198,7 @@ class Rings(ToyDensity):
         return self._log_rings(x).gather(1, labels[:, None]).squeeze(1).to(x.dtype)
 
 
-class TwoMoons(ToyDensity):
+class TwoMoons(KnownDensity):
     """Two interleaved half circles with Gaussian noise (the layout of sklearn's moons).
 
     A point is ``c_m(t) + std * eps`` with the moon ``m`` uniform in {0, 1}, ``t``
@@ -298,7 +207,7 @@ class TwoMoons(ToyDensity):
     ``p(x) = 1/(2 pi) sum_m int_0^pi N(x; c_m(t), std^2 I) dt`` is evaluated by
     composite Gauss-Legendre quadrature over ``t``: ``num_panels`` panels of 8 nodes
     each, i.e. a Gaussian mixture whose weights sum to 1, so the quadrature density
-    is normalised whatever its accuracy. With the defaults each panel spans
+    is normalized whatever its accuracy. With the defaults each panel spans
     about one noise width of ``t`` and ``log_prob`` agrees with a 4x finer rule to
     ~1e-10 within ``bounds`` (tested). Class ``m`` is moon ``m``.
 
@@ -316,7 +225,7 @@ class TwoMoons(ToyDensity):
             raise ValueError(f"TwoMoons: expected std > 0 and num_panels >= 1, got {std}, {num_panels}")
         self.std = std
         t, w = _composite_gauss_legendre(0.0, math.pi, num_panels, order=8)
-        self.centres = torch.cat([self._curve(t, 0), self._curve(t, 1)])  # (2 * nodes, 2)
+        self.centers = torch.cat([self._curve(t, 0), self._curve(t, 1)])  # (2 * nodes, 2)
         self.log_weights = (w / (2.0 * math.pi)).log().repeat(2)
         margin = 8.0 * std  # 8 std: tail mass exp(-32) ~ 1e-14
         self.bounds = ((-1.0 - margin, 2.0 + margin), (-0.5 - margin, 1.0 + margin))
@@ -332,17 +241,17 @@ class TwoMoons(ToyDensity):
     def _sample(self, n: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         moon = torch.randint(0, 2, (n, 1), generator=generator)
         t = math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
-        centre = torch.where(moon == 0, self._curve(t, 0), self._curve(t, 1))
-        return centre + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64), moon[:, 0]
+        center = torch.where(moon == 0, self._curve(t, 0), self._curve(t, 1))
+        return center + self.std * torch.randn(n, 2, generator=generator, dtype=torch.float64), moon[:, 0]
 
     def log_prob(self, x: Tensor) -> Tensor:
         self._check_points(x)
-        return _mixture_log_prob(x, self.centres, self.log_weights, self.std)
+        return _mixture_log_prob(x, self.centers, self.log_weights, self.std)
 
     def _log_prob_given(self, x: Tensor, labels: Tensor) -> Tensor:
-        nodes = self.centres.shape[0] // 2  # the first half of the centres are moon 0's
+        nodes = self.centers.shape[0] // 2  # the first half of the centers are moon 0's
         log_weights = self.log_weights[:nodes] + math.log(2.0)  # each moon's weights sum to 1
-        per_moon = [_mixture_log_prob(x, self.centres[m * nodes : (m + 1) * nodes], log_weights, self.std)
+        per_moon = [_mixture_log_prob(x, self.centers[m * nodes : (m + 1) * nodes], log_weights, self.std)
                     for m in range(2)]
         return torch.where(labels == 0, per_moon[0], per_moon[1])
 
@@ -359,9 +268,29 @@ def _composite_gauss_legendre(
     return torch.from_numpy(t), torch.from_numpy(w)
 
 
-TOY_DENSITIES: dict[str, type[ToyDensity]] = {
+TOY_DENSITIES: dict[str, type[KnownDensity]] = {
     "checkerboard": Checkerboard,
     "eight_gaussians": EightGaussians,
     "rings": Rings,
     "two_moons": TwoMoons,
 }
+
+
+def _toy_loader(name: str) -> Loader:
+    """The loader of toy set ``name``: a fixed-seed sample of its true density."""
+
+    def load(request: DataRequest) -> DataSplit:
+        check_split(request.split, name, tuple(TOY_SIZES))
+        density = TOY_DENSITIES[name]()
+        n = request.num_samples or TOY_SIZES[request.split]
+        # One stream per (seed, split), so train and test never share points.
+        stream = 2 * request.seed + list(TOY_SIZES).index(request.split)
+        generator = torch.Generator().manual_seed(stream)
+        data, labels = density.sample_labeled(n, generator)  # drawn in float64
+        return DataSplit(name, data.to(torch.float32), "toy2d", labels=labels, density=density,
+                         num_classes=density.num_classes)
+
+    return load
+
+
+TOY: dict[str, Loader] = {name: _toy_loader(name) for name in TOY_DENSITIES}

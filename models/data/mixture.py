@@ -1,8 +1,9 @@
-"""A Gaussian mixture in ``D`` dimensions whose density is known exactly.
+"""A Gaussian mixture in ``D`` dimensions whose density is known exactly, and its data set.
 
 For KL-gap experiments: a flow trained on its samples has test NLL ``E[-log q(X)]``,
 and ``NLL - H(p) = KL(p || q) >= 0`` where ``H(p)`` is the mixture's entropy, which
 :meth:`GaussianMixture.entropy` estimates by Monte Carlo with a standard error.
+:func:`load_mixture` is the ``mixture10d`` set of the registry.
 """
 
 from __future__ import annotations
@@ -12,21 +13,24 @@ import math
 import torch
 from torch import Tensor
 
-from models.toy import ToyDensity
+from .known import KnownDensity
+from .split import SPLITS, DataRequest, DataSplit, check_split
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "load_mixture"]
+
+MIXTURE_SIZES = {"train": 50_000, "validation": 10_000, "test": 10_000}
 
 
-class GaussianMixture(ToyDensity):
+class GaussianMixture(KnownDensity):
     """``p(x) = sum_k w_k N(x; mu_k, Sigma_k)`` with full covariances, drawn once from a seed.
 
     Means are ``N(0, spread^2 I)``; each covariance is ``A A^T / D + diag(u)`` with ``A``
     standard normal and ``u ~ U(0.1, 0.5)``; weights are a softmax of standard normals.
     The same seed gives the same density. ``log_prob`` is exact (a log-sum-exp over the
     components of Cholesky-based Gaussian log-densities, in float64); ``entropy`` is the
-    Monte Carlo estimate of :class:`models.toy.ToyDensity` (100,000 fixed-seed samples),
+    Monte Carlo estimate of :class:`~models.data.known.KnownDensity` (100,000 fixed-seed samples),
     returned with its standard error. Unlike the 2D toy densities, points are ``(N, D)``
-    and the components (the classes of :meth:`sample_labelled`) are weighted unequally.
+    and the components (the classes of :meth:`sample_labeled`) are weighted unequally.
 
     Args:
         dim: ``D``.
@@ -87,3 +91,16 @@ class GaussianMixture(ToyDensity):
             raise ValueError(
                 f"GaussianMixture.log_prob: expected points of shape (N, {self.dim}), got {tuple(x.shape)}"
             )
+
+
+def load_mixture(request: DataRequest) -> DataSplit:
+    """``mixture10d``: a fixed-seed sample of :class:`GaussianMixture` (10-D, 5 components),
+    labeled by component; 50,000 train and 10,000 validation / test points by default;
+    ``density`` is exact."""
+    check_split(request.split, "mixture10d")
+    density = GaussianMixture(dim=10, num_components=5)
+    n = request.num_samples or MIXTURE_SIZES[request.split]
+    generator = torch.Generator().manual_seed(3 * request.seed + SPLITS.index(request.split))
+    points, labels = density.sample_labeled(n, generator)  # labels: the component of each point
+    return DataSplit("mixture10d", points.float(), "vector", labels=labels, density=density,
+                     num_classes=density.num_classes)

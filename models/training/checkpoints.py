@@ -15,17 +15,19 @@ import random
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-if TYPE_CHECKING:  # the loop's types; importing them at run time would be circular
-    from models.training import Processes, TrainState
+from .processes import Processes
+from .state import TrainState
 
-__all__ = ["CHECKPOINT_FORMAT", "checkpoint_payload", "save_checkpoint", "load_checkpoint", "check_compatible", "restore"]
+__all__ = [
+    "CHECKPOINT_FORMAT", "checkpoint_payload", "save_checkpoint", "load_checkpoint", "check_compatible", "restore",
+]
 
 CHECKPOINT_FORMAT = 1
 

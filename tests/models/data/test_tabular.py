@@ -1,32 +1,28 @@
-"""Tests of models/tabular.py and models/mixture.py: the MAF-paper tabular sets from small
-files in their distributed formats, files of vectors, and the 10-D Gaussian mixture."""
+"""Tests of models/data/tabular.py: the MAF-paper tabular sets from small files in their distributed
+formats, and files of vectors."""
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from models.data import DataRequest
-from models.mixture import GaussianMixture
-from models.tabular import TABULAR, drop_correlated, load_tabular, load_vectors
-
-SPLITS = ("train", "validation", "test")
+from models.data import SPLITS, DataRequest
+from models.data.tabular import TABULAR, drop_correlated, load_tabular, load_vectors
 
 
 def _load_all(name: str, data_dir) -> dict[str, np.ndarray]:
     return {split: load_tabular(name, data_dir, split).data.double().numpy() for split in SPLITS}
 
 
-def _assert_standardised(values: np.ndarray, ddof: int = 0, atol: float = 1e-5) -> None:
+def _assert_standardized(values: np.ndarray, ddof: int = 0, atol: float = 1e-5) -> None:
     np.testing.assert_allclose(values.mean(0), 0.0, atol=atol)
     np.testing.assert_allclose(values.std(0, ddof=ddof), 1.0, atol=atol)
 
 
-# --- POWER -----------------------------------------------------------------------------
+# --- POWER --------------------------------------------------------------------
 
 
 def _write_power(root, n: int = 1000) -> np.ndarray:
@@ -39,13 +35,13 @@ def _write_power(root, n: int = 1000) -> np.ndarray:
     return raw
 
 
-def test_power_drops_columns_splits_and_standardises(tmp_path) -> None:
+def test_power_drops_columns_splits_and_standardizes(tmp_path) -> None:
     _write_power(tmp_path)
     splits = _load_all("power", tmp_path)
     assert [splits[s].shape for s in SPLITS] == [(810, 6), (90, 6), (100, 6)]  # 10% test, 10% of rest
     assert all(np.isfinite(v).all() for v in splits.values())  # columns 1 and 3 are gone
-    _assert_standardised(np.vstack([splits["train"], splits["validation"]]))  # by train + validation
-    _assert_standardised(splits["train"], atol=0.1)
+    _assert_standardized(np.vstack([splits["train"], splits["validation"]]))  # by train + validation
+    _assert_standardized(splits["train"], atol=0.1)
     # The last column (time) gets no noise, the first (row index) at most 0.001.
     assert splits["test"][:, 0].std() > 0
 
@@ -54,30 +50,30 @@ def test_power_shuffles_with_the_papers_seed(tmp_path) -> None:
     _write_power(tmp_path)
     test = load_tabular("power", tmp_path, "test").data.double().numpy()
     order = np.random.RandomState(42).permutation(1000)[-100:]  # rows the paper's test set holds
-    # Column 0 is the row index (x 0.5) plus < 0.001 of noise, standardised: same ranking.
+    # Column 0 is the row index (x 0.5) plus < 0.001 of noise, standardized: same ranking.
     assert np.array_equal(np.argsort(test[:, 0]), np.argsort(order))
     again = load_tabular("power", tmp_path, "test").data
     assert torch.equal(again, torch.from_numpy(test).float())  # deterministic
 
 
-# --- MINIBOONE -------------------------------------------------------------------------
+# --- MINIBOONE ----------------------------------------------------------------
 
 
-def test_miniboone_splits_in_order_and_standardises(tmp_path) -> None:
+def test_miniboone_splits_in_order_and_standardizes(tmp_path) -> None:
     values = np.random.default_rng(1).normal(size=(500, 5)) * 4 - 2
     values[:, 0] = np.arange(500)
     (tmp_path / "miniboone").mkdir()
     np.save(tmp_path / "miniboone" / "data.npy", values)
     splits = _load_all("miniboone", tmp_path)
     assert [splits[s].shape for s in SPLITS] == [(405, 5), (45, 5), (50, 5)]
-    _assert_standardised(np.vstack([splits["train"], splits["validation"]]))
+    _assert_standardized(np.vstack([splits["train"], splits["validation"]]))
     # No shuffle: validation and test are the last rows, in order.
     assert splits["train"][:, 0].max() < splits["validation"][:, 0].min()
     assert splits["validation"][:, 0].max() < splits["test"][:, 0].min()
     assert bool(np.all(np.diff(splits["test"][:, 0]) > 0))
 
 
-# --- GAS -------------------------------------------------------------------------------
+# --- GAS ----------------------------------------------------------------------
 
 
 def test_drop_correlated_removes_the_first_of_each_correlated_group() -> None:
@@ -103,7 +99,7 @@ def test_gas_from_a_pandas_pickle(tmp_path) -> None:
     splits = _load_all("gas", tmp_path)
     assert [splits[s].shape for s in SPLITS] == [(324, 3), (36, 3), (40, 3)]
     everything = np.vstack([splits[s] for s in SPLITS])
-    _assert_standardised(everything, ddof=1)  # standardised before the split, as the paper
+    _assert_standardized(everything, ddof=1)  # standardized before the split, as the paper
     np.testing.assert_allclose(everything[:, 1], (base[:, 1] - base[:, 1].mean()) / base[:, 1].std(ddof=1), atol=1e-5)
 
 
@@ -115,7 +111,7 @@ def test_gas_without_pandas_says_so(tmp_path, monkeypatch) -> None:
         load_tabular("gas", tmp_path)
 
 
-# --- HEPMASS ---------------------------------------------------------------------------
+# --- HEPMASS ------------------------------------------------------------------
 
 
 def _hepmass_rows(rng, n: int) -> np.ndarray:
@@ -132,7 +128,7 @@ def _write_csv(path, names: list[str], rows: np.ndarray, trailing: bool = False)
 
 
 @pytest.mark.parametrize("test_layout", ["extra_column", "same_header", "trailing_comma"])
-def test_hepmass_keeps_signal_drops_discrete_and_standardises(tmp_path, test_layout) -> None:
+def test_hepmass_keeps_signal_drops_discrete_and_standardizes(tmp_path, test_layout) -> None:
     rng = np.random.default_rng(4)
     names = ["# label", "f0", "f1", "f2", "f3", "f4", "mass"]
     (tmp_path / "hepmass").mkdir()
@@ -148,13 +144,13 @@ def test_hepmass_keeps_signal_drops_discrete_and_standardises(tmp_path, test_lay
     # mass (constant) are dropped.
     assert [splits[s].shape for s in SPLITS] == [(180, 4), (20, 4), (50, 4)]
     signal = train_rows[train_rows[:, 0] == 1, 1:5]
-    _assert_standardised(np.vstack([splits["train"], splits["validation"]]), ddof=1)
+    _assert_standardized(np.vstack([splits["train"], splits["validation"]]), ddof=1)
     mean, std = signal.mean(0), signal.std(0, ddof=1)
     expected_test = (test_rows[test_rows[:, 0] == 1, 1:5] - mean) / std
     np.testing.assert_allclose(splits["test"], expected_test, atol=1e-5)
 
 
-# --- BSDS300 ---------------------------------------------------------------------------
+# --- BSDS300 ------------------------------------------------------------------
 
 
 def test_bsds300_reads_the_three_arrays(tmp_path) -> None:
@@ -179,7 +175,7 @@ def test_bsds300_without_h5py_says_so(tmp_path, monkeypatch) -> None:
         load_tabular("bsds300", tmp_path)
 
 
-# --- errors and the registry -------------------------------------------------------------
+# --- errors and the registry --------------------------------------------------
 
 
 @pytest.mark.parametrize(("name", "pattern"), [
@@ -214,11 +210,11 @@ def test_registry_loaders_take_a_request(tmp_path) -> None:
         TABULAR["power"](DataRequest(split="test", data_dir=tmp_path, num_samples=101))
 
 
-# --- files of vectors --------------------------------------------------------------------
+# --- files of vectors ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["npy", "csv", "csv_header"])
-def test_load_vectors_splits_standardises_and_is_seeded(tmp_path, kind) -> None:
+def test_load_vectors_splits_standardizes_and_is_seeded(tmp_path, kind) -> None:
     values = np.random.default_rng(6).normal(size=(200, 3)) * [1.0, 5.0, 0.1] + [0.0, 3.0, -7.0]
     path = tmp_path / f"points.{kind[:3]}"
     if kind == "npy":
@@ -228,7 +224,7 @@ def test_load_vectors_splits_standardises_and_is_seeded(tmp_path, kind) -> None:
         path.write_text("\n".join(header + [",".join(f"{v:.17g}" for v in row) for row in values]) + "\n")
     splits = {s: load_vectors(path, s, seed=1).data.double().numpy() for s in SPLITS}
     assert [splits[s].shape for s in SPLITS] == [(162, 3), (18, 3), (20, 3)]
-    _assert_standardised(splits["train"])
+    _assert_standardized(splits["train"])
     assert np.array_equal(load_vectors(path, "test", seed=1).data.numpy(), splits["test"].astype(np.float32))
     assert not np.allclose(load_vectors(path, "test", seed=2).data.numpy(), splits["test"].astype(np.float32))
     assert load_vectors(path).name == "points"
@@ -247,40 +243,3 @@ def test_load_vectors_errors(tmp_path) -> None:
         load_vectors(tmp_path / "nan.npy")
     with pytest.raises(ValueError, match=r"load_vectors expected fractions in \[0, 1\), got test_fraction=1.5"):
         load_vectors(tmp_path / "nan.npy", test_fraction=1.5)
-
-
-# --- the Gaussian mixture ----------------------------------------------------------------
-
-
-def test_mixture_log_prob_is_exact() -> None:
-    mixture = GaussianMixture(dim=10, num_components=4, seed=1)
-    reference = torch.distributions.MixtureSameFamily(
-        torch.distributions.Categorical(logits=mixture.log_weights),
-        torch.distributions.MultivariateNormal(mixture.means, scale_tril=mixture.scale_tril),
-    )
-    x = torch.cat([mixture.sample(50, torch.Generator().manual_seed(0)), 10 * torch.randn(5, 10)])
-    torch.testing.assert_close(mixture.log_prob(x), reference.log_prob(x), rtol=1e-12, atol=1e-10)
-
-
-def test_mixture_sampling_entropy_and_determinism() -> None:
-    mixture = GaussianMixture()
-    first = mixture.sample(4, torch.Generator().manual_seed(3))
-    assert first.shape == (4, 10)
-    assert torch.equal(first, GaussianMixture().sample(4, torch.Generator().manual_seed(3)))
-    entropy, stderr = mixture.entropy()
-    assert 0 < stderr < 0.02 and math.isfinite(entropy)
-    # An independent Monte Carlo estimate agrees within a few standard errors.
-    points = mixture.sample(20_000, torch.Generator().manual_seed(9))
-    assert abs(float(-mixture.log_prob(points).mean()) - entropy) < 5 * stderr + 0.05
-    assert len(mixture.bounds) == 10
-
-
-def test_mixture_errors_and_registry() -> None:
-    with pytest.raises(ValueError, match=r"GaussianMixture expected dim >= 1, .*got 0, 5 and 2.0"):
-        GaussianMixture(dim=0)
-    with pytest.raises(ValueError, match=r"GaussianMixture.log_prob: expected points of shape \(N, 10\), got \(3, 2\)"):
-        GaussianMixture().log_prob(torch.zeros(3, 2))
-    train = TABULAR["mixture10d"](DataRequest(split="train", num_samples=100))
-    test = TABULAR["mixture10d"](DataRequest(split="test", num_samples=100))
-    assert train.data.shape == (100, 10) and train.density is not None and train.kind == "vector"
-    assert not torch.equal(train.data, test.data)

@@ -5,7 +5,6 @@ Agg backend; no display needed."""
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.data import one_hot
+from ..data.split import one_hot
+from .evaluation import evaluating
 
 __all__ = ["save_samples", "save_density", "save_class_densities", "save_loss_curve"]
 
@@ -42,12 +42,10 @@ def _samples(model: nn.Module, n: int, temperature: float, seed: int, labels: Te
     ``labels[i]`` when the model is class-conditional."""
     param = next(model.parameters())
     context = None if labels is None else _class_context(labels, num_classes, param)
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[param.device] if param.device.type == "cuda" else []):
+    devices = [param.device] if param.device.type == "cuda" else []
+    with evaluating(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         x = model.sample(n, context=context, temperature=temperature)
-    model.train(was_training)
     return x.float().cpu()
 
 
@@ -79,7 +77,7 @@ def save_samples(
     first two features beside as many of ``data``'s.
 
     With ``num_classes`` (a class-conditional model) the classes take turns: a row of
-    images per class, or points coloured by class beside ``data`` coloured by ``labels``.
+    images per class, or points colored by class beside ``data`` colored by ``labels``.
     """
     images = len(model.in_shape) == 3
     per_class, sample_labels = None, None
@@ -103,10 +101,10 @@ def save_samples(
         if data is not None:
             panels.append(("data", data[:points].float().cpu(), None if labels is None else labels[:points]))
         figure, axes = _figure(ncols=len(panels), share=True)
-        for ax, (name, values, colours) in zip(axes, panels, strict=True):
-            colour = {} if colours is None or num_classes is None else dict(
-                c=colours.numpy(), cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1))
-            ax.scatter(values[:, 0].numpy(), values[:, 1].numpy(), s=1, alpha=0.4, **colour)
+        for ax, (name, values, colors) in zip(axes, panels, strict=True):
+            color = {} if colors is None or num_classes is None else dict(
+                c=colors.numpy(), cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1))
+            ax.scatter(values[:, 0].numpy(), values[:, 1].numpy(), s=1, alpha=0.4, **color)
             ax.set_title(name)
             ax.set_aspect("equal")
     figure.savefig(path, dpi=120)
@@ -128,13 +126,11 @@ def _learned_log_prob(model: nn.Module, grid: Tensor, label: int | None = None,
                       num_classes: int | None = None) -> Tensor:
     """The model's ``log p(x)`` (or ``log p(x | label)``) on ``grid``, in eval mode, on the CPU."""
     param = next(model.parameters())
-    was_training = model.training
-    model.eval()
     parts = []
-    for g in grid.split(4096):
-        context = None if label is None else _class_context(torch.full((len(g),), label), num_classes, param)
-        parts.append(model.log_prob(g.to(param.device, param.dtype), context).cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for g in grid.split(4096):
+            context = None if label is None else _class_context(torch.full((len(g),), label), num_classes, param)
+            parts.append(model.log_prob(g.to(param.device, param.dtype), context).cpu())
     return torch.cat(parts)
 
 

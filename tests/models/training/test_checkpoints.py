@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, refusal of non-finite weights, clear load errors."""
+"""Tests of models/training/checkpoints.py: atomic writes, refusal of non-finite weights, clear load
+errors, and the check that a checkpoint holds the model being built."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import checkpoints
+from models.training import checkpoints
+
+from .standins import StandIn, start, vector_data
 
 
 def test_save_checkpoint_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,3 +43,13 @@ def test_load_checkpoint_errors(tmp_path: Path) -> None:
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="checkpoint expected a train.py checkpoint"):
         checkpoints.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_check_compatible_rejects_another_model(tmp_path: Path) -> None:
+    state, _ = start(StandIn(hidden=8), vector_data(), 2, tmp_path)
+    payload = checkpoints.load_checkpoint(tmp_path / "checkpoint.pt")
+    checkpoints.check_compatible(payload, StandIn(hidden=8), "c.pt")
+    message = (r"resume expected a checkpoint of the model being built \(standin with \{'hidden': 16\}\), "
+               r"got standin with \{'hidden': 8\}")
+    with pytest.raises(ValueError, match=message):
+        checkpoints.check_compatible(payload, StandIn(hidden=16), "c.pt")

@@ -1,0 +1,49 @@
+"""The training kit behind ``train.py``: processes, batches, the step, the loop, evaluation,
+checkpoints, the metrics log and pictures, one idea per module.
+
+Conventions: the loss is the negative log-likelihood in nats per dimension, averaged over
+the batch; image data arrive in level units and are dequantized by the batches
+(``x + u``), so bits/dim is ``loss / ln 2``; only rank 0 writes files or prints.
+"""
+
+from __future__ import annotations
+
+# Processes and devices
+from .processes import Processes, resolve_device, setup_processes, teardown_processes
+
+# Batches
+from .batches import Batch, EpochBatches, check_finite, make_train_loader, train_batches
+
+# Optimization
+from .optimization import autocast, build_optimizer, build_scheduler, lr_factor, make_scaler
+
+# The step
+from .step import LogProbParts, StepOutput, apply_update, needs_data_init, prepare_model, train_step
+
+# Stopping early: non-finite values and signals
+from .stopping import NonFiniteWatch, StopSignals
+
+# The run: its state, directory, loop and evaluation
+from .state import RunDir, TrainState
+from .evaluation import EvalResult, evaluate, evaluating
+from .loop import LoopSettings, fit
+
+# Files of a run
+from .checkpoints import check_compatible, checkpoint_payload, load_checkpoint, restore, save_checkpoint
+from .metrics_log import MetricsLog, read_metrics
+from .plots import save_class_densities, save_density, save_loss_curve, save_samples
+
+# Host memory
+from .allocator import reuse_freed_memory
+
+__all__ = [
+    "Processes", "resolve_device", "setup_processes", "teardown_processes",
+    "Batch", "EpochBatches", "check_finite", "make_train_loader", "train_batches",
+    "autocast", "build_optimizer", "build_scheduler", "lr_factor", "make_scaler",
+    "LogProbParts", "StepOutput", "apply_update", "needs_data_init", "prepare_model", "train_step",
+    "NonFiniteWatch", "StopSignals",
+    "RunDir", "TrainState", "EvalResult", "evaluate", "evaluating", "LoopSettings", "fit",
+    "check_compatible", "checkpoint_payload", "load_checkpoint", "restore", "save_checkpoint",
+    "MetricsLog", "read_metrics", "save_class_densities", "save_density", "save_loss_curve", "save_samples",
+    "reuse_freed_memory",
+]
