@@ -32,8 +32,9 @@ from flows.elementwise import Logit, ScalarAffine
 # Reshaping and multi-scale
 from flows.reshape import Flatten, Split, Squeeze
 
-# Densities
-from flows.distributions import FlowDistribution, StandardNormal
+# Densities (torch distributions) and interop with torch.distributions
+from flows.distributions import DiagonalNormal, FlowDistribution, GaussianMixture, StandardNormal
+from flows.interop import FlowAsTransform, TransformAsFlow
 
 # The oracle
 from flows.jacobian import check_flow, exact_logdet
@@ -48,6 +49,7 @@ __all__ = [
     "InvConv1x1", "Permutation", "Reverse",
     "Logit", "ScalarAffine",
     "Flatten", "Split", "Squeeze",
-    "FlowDistribution", "StandardNormal",
+    "DiagonalNormal", "FlowDistribution", "GaussianMixture", "StandardNormal",
+    "FlowAsTransform", "TransformAsFlow",
     "check_flow", "exact_logdet", "jacobian", "maps", "nets", "splines",
 ]

@@ -24,10 +24,11 @@ class DensityModel(FlowDistribution):
     arguments as ``config``, so ``type(model)(**model.config)`` rebuilds the same
     architecture (a checkpoint stores ``config`` and the class's ``name``).
 
-    Inherits ``log_prob(x, context=None)``, ``log_prob_parts(x, context=None)`` ->
-    ``(log p_base(z), logdet)`` and ``sample(n, context=None, temperature=1.0)``, which
-    draws ``z ~ N(0, T^2 I)`` and inverts (factored-out parts are thus drawn from their
-    learned priors scaled by ``T``).
+    A torch distribution (see ``flows.FlowDistribution`` for the shapes): ``log_prob(x,
+    context=None)``, ``log_prob_parts(x, context=None)`` -> ``(log p_base(z), logdet)``,
+    ``sample`` / ``rsample(sample_shape, context=None, temperature=1.0)``, which draw
+    ``z ~ N(0, T^2 I)`` and invert (factored-out parts are thus drawn from their learned
+    priors scaled by ``T``), and ``sample_and_log_prob``.
 
     Args:
         transform: the whole bijection, data -> latent, preprocessing included.

@@ -16,6 +16,7 @@ import torch
 import flows
 import models
 from flows.nets import MLP, GlowConvNet
+from torch.distributions.transforms import AffineTransform, ComposeTransform, SigmoidTransform
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,9 @@ LAYERS: dict[str, Case] = {
     # multi-scale stacks
     "glow-multiscale": Case(glow_multiscale, (3, 4, 4)),
     "realnvp-multiscale": Case(realnvp_multiscale, (3, 4, 4)),
+    # torch.distributions transforms as flows, and a flow through torch's Transform and back
+    "torch-transform": Case(lambda: flows.TransformAsFlow(ComposeTransform([AffineTransform(0.1, 0.8), SigmoidTransform()])), (4,)),
+    "flow-as-transform": Case(lambda: flows.TransformAsFlow(flows.FlowAsTransform(flows.AffineCoupling(3, conv), 3)), (3, 2, 2)),
     # any map through the families' own classes
     "coupling-custom-map": Case(lambda: flows.Coupling(4, mlp, flows.AffineMap("sigmoid"), "checkerboard"), (4,)),
     "autoregressive-additive-map": Case(lambda: flows.Autoregressive(4, flows.AdditiveMap(), 8), (4,)),

@@ -163,3 +163,19 @@ def test_check_flow_returns_the_errors_it_measured() -> None:
     report = check_flow(prepared(flows.ActNorm(2)), torch.randn(3, 2, 2, 2))
     assert set(report) >= {"logdet", "round_trip", "inverse_logdet", "cross_sample", "structure"}
     assert all(v < 1e-10 for v in report.values())
+
+
+class ForwardOnly(flows.ActNorm):
+    """A correct layer without an inverse."""
+
+    def inverse(self, y, context=None):
+        raise flows.InverseNotAvailable("ForwardOnly has no closed-form inverse")
+
+
+def test_a_flow_without_inverse_fails_unless_the_inverse_is_waived() -> None:
+    flow = prepared(ForwardOnly(3))
+    x = torch.randn(3, 3)
+    with pytest.raises(FlowCheckError, match=r"inverse is not available .*pass require_inverse=False"):
+        check_flow(flow, x)
+    report = check_flow(flow, x, require_inverse=False)
+    assert report["logdet"] < 1e-12 and report["inverse"] != report["inverse"]  # nan: not checked

@@ -76,7 +76,7 @@ def test_density_api(name, shape, num_levels) -> None:
 def test_sample_with_context() -> None:
     model = _small_model("realnvp", "toy2d", (5,), None, context=3)
     context = torch.randn(4, 3)
-    samples = model.sample(4, context=context)
+    samples = model.sample(context=context)  # one per context row
     assert samples.shape == (4, 5) and bool(torch.isfinite(samples).all())
     assert model.log_prob(samples, context).shape == (4,)
 
