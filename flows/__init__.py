@@ -3,7 +3,7 @@
 ``forward`` maps data to latent (the density direction); ``inverse`` maps back.
 """
 
-from flows import jacobian, maps, nets, splines
+from flows import derivatives, jacobian, maps, nets, splines
 
 # The contract
 from flows.base import Flow, Inverse, InverseFlow, InverseNotAvailable, Sequential
@@ -32,6 +32,9 @@ from flows.elementwise import Logit, ScalarAffine
 # Reshaping and multi-scale
 from flows.reshape import Flatten, Split, Squeeze
 
+# Free-form Jacobians: log-det modes (exact / estimate / gradient)
+from flows.freeform import FreeFormFlow, logdet_is_exact, logdet_is_likelihood, logdet_mode
+
 # Densities (torch distributions) and interop with torch.distributions
 from flows.distributions import DiagonalNormal, FlowDistribution, GaussianMixture, StandardNormal
 from flows.interop import FlowAsTransform, TransformAsFlow
@@ -49,7 +52,8 @@ __all__ = [
     "InvConv1x1", "Permutation", "Reverse",
     "Logit", "ScalarAffine",
     "Flatten", "Split", "Squeeze",
+    "FreeFormFlow", "logdet_is_exact", "logdet_is_likelihood", "logdet_mode",
     "DiagonalNormal", "FlowDistribution", "GaussianMixture", "StandardNormal",
     "FlowAsTransform", "TransformAsFlow",
-    "check_flow", "exact_logdet", "jacobian", "maps", "nets", "splines",
+    "check_flow", "exact_logdet", "derivatives", "jacobian", "maps", "nets", "splines",
 ]
