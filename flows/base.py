@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Flow", "InverseNotAvailable", "Sequential", "Inverse", "InverseFlow",
-    "zero_logdet", "sum_per_sample", "constant_logdet", "logdet_dtype",
+    "zero_logdet", "sum_per_sample", "constant_logdet", "logdet_dtype", "inside_function_transform",
 ]
 
 
@@ -64,6 +64,16 @@ def spatial_size(x: Tensor) -> int:
     From the shape alone (indexing ``x`` to count would dispatch a tensor op per call).
     """
     return math.prod(x.shape[2:])
+
+
+def inside_function_transform() -> bool:
+    """Whether a ``torch.func`` transform (grad, jvp, vmap) is running.
+
+    Inside one, every tensor an op makes is wrapped for that transform's level, so a layer
+    must not keep such a tensor in a cache: it would escape the transform and break the
+    next call. (There is no public API for this; ``peek_interpreter_stack`` is functorch's.)
+    """
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def accumulate(total: Tensor, logdet: Tensor) -> Tensor:

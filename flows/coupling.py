@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from flows.base import Flow, sum_per_sample, zero_logdet
+from flows.base import Flow, inside_function_transform, sum_per_sample, zero_logdet
 from flows.maps import AdditiveMap, AffineMap, ElementwiseMap, SplineMap
 from flows.validation import check_context, check_input
 
@@ -144,6 +144,8 @@ class Coupling(Flow):
         cannot be saved for a later backward pass.
         """
         key = (tuple(x.shape[1:]), x.device, torch.is_inference_mode_enabled())
+        if inside_function_transform():  # a mask made here would be wrapped for the transform
+            return checkerboard(key[0], self.parity).to(x.device).unsqueeze(0)
         mask = self._masks.get(key)
         if mask is None:
             mask = checkerboard(key[0], self.parity).to(x.device).unsqueeze(0)

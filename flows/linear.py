@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.base import Flow, constant_logdet, spatial_size, zero_logdet
+from flows.base import Flow, constant_logdet, inside_function_transform, spatial_size, zero_logdet
 from flows.validation import check_input
 
 __all__ = ["InvConv1x1", "Permutation", "Reverse"]
@@ -52,8 +52,8 @@ class InvConv1x1(Flow):
     ``log|det W| = sum(log_s)`` costs ``O(C)`` and the inverse comes from two triangular
     solves. With ``lu=False`` ``W`` is a full matrix and ``log|det W|`` is its ``slogdet``.
     Initialized to a random rotation. In eval mode the weight and its inverse are cached
-    (detached from autograd) until a parameter changes; train mode recomputes them (the
-    inverse only when ``inverse`` is called).
+    (detached from autograd) until a parameter changes; train mode and ``torch.func``
+    transforms recompute them (the inverse only when ``inverse`` is called).
 
     Args:
         features: ``C`` (the size of dim 1); inputs are ``(B, C)`` or ``(B, C, H, W)``.
@@ -121,7 +121,7 @@ class InvConv1x1(Flow):
         return inverse_weight[:, self.permutation_index], self.log_s.sum()  # (U^-1 L^-1) P^T
 
     def _weights(self, inverse: bool) -> tuple[Tensor, Tensor]:
-        if self.training:
+        if self.training or inside_function_transform():
             return self._compute(inverse)
         cache = self._caches[inverse]
         key = _WeightCache.make_key(list(self.parameters()))
