@@ -13,7 +13,13 @@ Commands::
     # Class-conditional: the one-hot label is every conditioner's context; density.png per class.
     python train.py --model nsf --preset toy2d --dataset rings --conditional
 
-    # Resume an interrupted run (flags not given come from the checkpoint); --steps N extends it:
+    # Your own vectors: a .npy or .csv file of shape (N, D) (rows shuffled with seed 0; the
+    # last 10% is the test split, the rest train; standardized by the train split).
+    python train.py --model nsf --preset small --dataset path/to/points.csv
+
+    # Resume an interrupted run (flags not given come from the checkpoint); --steps N extends it.
+    # --model, --preset, --dataset, --conditional, --seed and --batch-size stay the checkpoint's;
+    # other flags given (--lr, --steps, ...) apply from there on and are recorded:
     python train.py --resume runs/realnvp-digits/checkpoint.pt
 
     # Evaluate a checkpoint and draw colder samples, without training:
@@ -26,7 +32,8 @@ A run writes under ``--out`` (default ``runs/<model>-<dataset>``): ``config.json
 ``metrics.jsonl`` (one JSON record per log step and evaluation), ``checkpoint.pt``,
 ``samples.png``, ``loss.png``, and for 2D data ``density.png`` (learned beside true; a
 column per class with ``--conditional``).
-SIGINT / SIGTERM write a checkpoint and exit; ``--resume`` continues exactly.
+SIGINT / SIGTERM write a checkpoint and exit (status 130 / 143); ``--resume`` continues exactly.
+One run writes to a folder at a time (it holds ``<out>/.lock``), and never into another run's.
 """
 
 from __future__ import annotations
@@ -50,12 +57,13 @@ import torch
 import torch.distributed as dist
 
 from models import MODELS, build_model
-from models.data import DATASETS, DataSplit, load_dataset
+from models.data import DATASETS, DataSplit
 from models.training import (
-    EvalResult, LoopSettings, MetricsLog, Processes, RunDir, TrainState, build_optimizer, build_scheduler,
-    check_compatible, check_finite, evaluate, fit, load_checkpoint, make_scaler, make_train_loader,
-    prepare_model, read_metrics, restore, reuse_freed_memory, save_class_densities, save_density,
-    save_loss_curve, save_samples, setup_processes, teardown_processes, train_batches,
+    EvalResult, LoopSettings, MetricsLog, Processes, RunDir, TrainState, apply_schedule, build_optimizer,
+    build_scheduler, changed_settings, check_compatible, check_resume, check_resume_flags, claim_run_dir,
+    data_fingerprint, evaluate, fit, load_checkpoint, load_splits, make_scaler, make_train_loader, prepare_model,
+    restore, reuse_freed_memory, save_run_pictures, setup_processes, start_run_files, teardown_processes,
+    train_batches,
 )
 
 # The configuration
@@ -77,7 +85,8 @@ class Config:
     model: str = option("realnvp", "model family: nice, realnvp, glow, maf or nsf")
     preset: str = option("digits", "model sizes, see the model's PRESETS; also run settings for the presets below")
     dataset: str = option("digits", "data set: digits (embedded), a 2D toy (two_moons, checkerboard, ...), mixture10d, "
-                                    "mnist, cifar10, or a tabular set (power, gas, hepmass, miniboone, bsds300)")
+                                    "mnist, cifar10, a tabular set (power, gas, hepmass, miniboone, bsds300), or your "
+                                    "own file of vectors (N, D): path/to/file.npy or .csv (a tenth held out as test)")
     data_dir: str = option("data", "folder holding downloadable data sets")
     download: bool = option(False, "download a missing data set into --data-dir")
     conditional: bool = option(False, "model p(x | class): the one-hot label is the context (2D toys, mixture10d, "
@@ -98,7 +107,9 @@ class Config:
     temperature: float = option(1.0, "sampling temperature of samples.png (below 1: smoother samples)")
     num_samples: int = option(64, "samples drawn for samples.png")
     out: str | None = option(None, "run directory; default runs/<model>-<dataset>, on resume the checkpoint's")
-    overwrite: bool = option(False, "start afresh in a run directory that already holds a checkpoint")
+    overwrite: bool = option(False, "start afresh in a run directory that holds another run, deleting its files")
+    allow_new_world_size: bool = option(False, "with --resume: continue with another process count than the "
+                                               "checkpoint's (the global batch changes)")
     log_every: int = option(50, "steps between metric records and progress-bar updates")
     ckpt_every: int = option(1000, "steps between checkpoints (0: only at the end)")
     eval_every: int = option(0, "steps between test evaluations (0: only at the end)")
@@ -115,8 +126,9 @@ def check_config(config: Config) -> None:
     presets = MODELS[config.model].PRESETS
     if config.preset not in presets:
         raise ValueError(f"--preset expected one of {', '.join(presets)} for {config.model}, got {config.preset!r}")
-    if config.dataset not in DATASETS:
-        raise ValueError(f"--dataset expected one of {', '.join(DATASETS)}, got {config.dataset!r}")
+    if config.dataset not in DATASETS and not config.dataset.endswith((".npy", ".csv")):
+        raise ValueError(f"--dataset expected one of {', '.join(DATASETS)}, or a .npy or .csv file of vectors, "
+                         f"got {config.dataset!r}")
     for name in ("steps", "batch_size", "log_every", "num_samples"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(config, name)}")
@@ -153,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     **{name: dict(dataset=name, **run) for name, run in TABULAR_RUNS.items()},
 }
 # Fields that belong to one invocation, never taken from a checkpoint's config.
-PER_INVOCATION = {"resume", "eval_only", "overwrite", "download", "out"}
+PER_INVOCATION = {"resume", "eval_only", "overwrite", "download", "out", "allow_new_world_size"}
 
 
 # Flags
@@ -203,12 +215,14 @@ def resolve_config(argv: list[str] | None) -> tuple[Config, dict[str, Any] | Non
     payload = load_checkpoint(given["resume"]) if given.get("resume") else None
     defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     saved = {k: v for k, v in (payload or {}).get("config", {}).items() if k in defaults and k not in PER_INVOCATION}
+    if payload is not None:
+        check_resume_flags(given, saved, given["resume"])
     preset = given.get("preset", saved.get("preset", defaults["preset"]))
     values = {**defaults, **PRESETS.get(preset, {}), **saved, **given}
     if "steps" in given:
         values["epochs"] = None
     if values["out"] is None:
-        name = f"{values['model']}-{values['dataset']}" + ("-conditional" if values["conditional"] else "")
+        name = f"{values['model']}-{Path(values['dataset']).stem}" + ("-conditional" if values["conditional"] else "")
         values["out"] = str(Path(values["resume"]).parent if values["resume"] else Path("runs") / name)
     return Config(**values), payload
 
@@ -228,21 +242,7 @@ def with_epochs_as_steps(config: Config, train_size: int, world_size: int) -> Co
 
 # The run
 
-
-def load_data(config: Config, procs: Processes) -> tuple[DataSplit, DataSplit]:
-    """The train and test splits; under torchrun rank 0 downloads first while the others wait."""
-    def load(split: str, download: bool) -> DataSplit:
-        data = load_dataset(config.dataset, config.data_dir, split, download=download)
-        check_finite(data.data, f"{config.dataset} {split} data")
-        return data
-
-    if procs.is_main:
-        splits = load("train", config.download), load("test", config.download)
-    if procs.distributed:
-        dist.barrier()
-    if not procs.is_main:
-        splits = load("train", False), load("test", False)
-    return splits
+EXIT_STATUS = {"interrupted": 128 + 2, "terminated": 128 + 15}  # after SIGINT, SIGTERM (the shells' convention)
 
 
 def seed_everything(seed: int) -> None:
@@ -256,20 +256,16 @@ def context_of(config: Config, data: DataSplit) -> torch.Tensor | None:
     return data.class_context() if config.conditional else None
 
 
-def make_state(config: Config, model: torch.nn.Module) -> TrainState:
+def source_of(config: Config) -> Path | None:
+    """The folder of the checkpoint a resumed run continues; ``None`` for a fresh run."""
+    return Path(config.resume).parent if config.resume else None
+
+
+def make_state(config: Config, model: torch.nn.Module, data: dict[str, Any]) -> TrainState:
     optimizer = build_optimizer(model, config.lr)
     scheduler = build_scheduler(optimizer, config.warmup, config.steps, config.schedule)
     scaler = make_scaler(config.amp, next(model.parameters()).device)
-    return TrainState(model, optimizer, scheduler, scaler, asdict(config))
-
-
-def check_run_dir(config: Config, run: RunDir) -> None:
-    """A fresh run never silently replaces another run's checkpoint."""
-    if not config.resume and not config.overwrite and run.checkpoint.exists():
-        raise FileExistsError(
-            f"--out expected a directory without a checkpoint, got {str(run.root)!r} holding one; pass "
-            f"--resume {run.checkpoint} to continue it, --overwrite to start afresh, or another --out"
-        )
+    return TrainState(model, optimizer, scheduler, scaler, asdict(config), data=data)
 
 
 def report(procs: Processes, text: str) -> None:
@@ -306,62 +302,61 @@ def finish(config: Config, model: torch.nn.Module, train: DataSplit, test: DataS
                       f"a model can reach; KL gap {record['kl_gap_per_dim']:.4f} nats/dim")
     log.write(record)
     if procs.is_main:
-        written = draw(config, model, train, test, run)
+        written = save_run_pictures(model, run, train, test, conditional=config.conditional,
+                                    num_samples=config.num_samples, temperature=config.temperature, seed=config.seed)
         report(procs, f"wrote {run.root}/: " + ", ".join(p.name for p in [run.config, run.metrics, run.checkpoint,
                                                                           *written] if p.exists()))
 
 
-def draw(config: Config, model: torch.nn.Module, train: DataSplit, test: DataSplit, run: RunDir) -> list[Path]:
-    """The run's pictures: samples, the learned density of 2D data, the loss curve; returns their paths."""
-    classes = train.num_classes if config.conditional else None
-    save_samples(model, run.samples, config.num_samples, config.temperature, config.seed, train.data,
-                 num_classes=classes, labels=train.labels)
-    written = [run.samples]
-    if train.kind == "toy2d" and classes:
-        save_class_densities(model, run.density, train.data, classes, test.density.log_prob_given)
-        written.append(run.density)
-    elif train.kind == "toy2d":
-        save_density(model, run.density, train.data, test.density.log_prob)
-        written.append(run.density)
-    if run.metrics.exists():
-        save_loss_curve(read_metrics(run.metrics), run.loss)
-        written.append(run.loss)
-    return written
-
-
 def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device: torch.device) -> int:
-    """Everything after the flags: data, model, checks, then training (or evaluation only)."""
-    train, test = load_data(config, procs)
+    """Everything after the flags: data, model and every check, then, holding the run folder, training
+    (or evaluation only); returns the exit status."""
+    train, test = load_splits(config.dataset, config.data_dir, config.download, procs)
     train_context = context_of(config, train)  # raises here, before any file is written, for unlabeled data
     config = with_epochs_as_steps(config, len(train), procs.world_size)
     seed_everything(config.seed)  # the same initialization on every rank
     context_features = 0 if train_context is None else train_context.shape[1]
     model = build_model(config.model, config.preset, train.shape, num_levels=train.num_levels,
                         context_features=context_features).to(device)
+    fingerprint = data_fingerprint(train, test)
     if payload is not None:
         check_compatible(payload, model, config.resume)
+        check_resume(payload, config.resume, fingerprint=fingerprint, steps=config.steps, world_size=procs.world_size,
+                     allow_new_world_size=config.allow_new_world_size, eval_only=config.eval_only)
     run_dir = RunDir(Path(config.out))
-    check_run_dir(config, run_dir)
-    seed_everything(config.seed + procs.rank)  # noise and sampling differ between ranks
-    state = make_state(config, model)
+    with claim_run_dir(run_dir, procs, source_of(config), config.overwrite):
+        seed_everything(config.seed + procs.rank)  # noise and sampling differ between ranks
+        state = make_state(config, model, fingerprint)
+        if payload is not None:
+            restore(state, payload, procs)
+            apply_schedule(state, config.lr)  # a new --lr, --warmup, --schedule or --steps applies from here
+            state.last_checkpoint = (config.resume, state.step)
+        evaluator = partial(evaluate, model, test.data, num_levels=test.num_levels, batch_size=4 * config.batch_size,
+                            procs=procs, seed=config.seed, context=context_of(config, test))
+        if config.eval_only:
+            finish(config, model, train, test, run_dir, procs, MetricsLog(None), state.step, evaluator)
+            return 0
+        return train_run(config, payload, state, train, test, run_dir, procs, device, evaluator)
+
+
+def train_run(config: Config, payload: dict[str, Any] | None, state: TrainState, train: DataSplit, test: DataSplit,
+              run_dir: RunDir, procs: Processes, device: torch.device, evaluator: Callable[[], EvalResult]) -> int:
+    """Starts (or continues) the run's files, trains, then evaluates and draws; returns the exit status."""
+    model = state.model
+    log = start_run_files(run_dir, asdict(config), source_of(config), state.step) if procs.is_main \
+        else MetricsLog(None)
     if payload is not None:
-        restore(state, payload, procs)
-        state.last_checkpoint = (config.resume, state.step)
-    evaluator = partial(evaluate, model, test.data, num_levels=test.num_levels, batch_size=4 * config.batch_size,
-                        procs=procs, seed=config.seed, context=context_of(config, test))
-    if config.eval_only:
-        finish(config, model, train, test, run_dir, procs, MetricsLog(None), state.step, evaluator)
-        return 0
-    # From here on files are written: every input has been checked.
-    log = MetricsLog(run_dir.metrics if procs.is_main else None)
-    if procs.is_main:
-        run_dir.root.mkdir(parents=True, exist_ok=True)
-        run_dir.config.write_text(json.dumps(asdict(config), indent=2) + "\n")
-        if payload is None:
-            run_dir.metrics.unlink(missing_ok=True)
-        log.truncate_after(state.step)
+        changed = changed_settings(payload["config"], asdict(config), PER_INVOCATION)
+        log.write({"split": "resume", "step": state.step, "changed": changed})
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        report(procs, f"resuming from step {state.step} of {config.steps} ({config.resume})"
+                      + (f"; changed: {what}" if what else ""))
+        if state.step >= config.steps:
+            report(procs, f"the checkpoint is at step {state.step} = --steps: nothing to train, evaluating it "
+                          f"(pass --steps above {state.step} to train on)")
     report(procs, describe(config, model, train, test, device, procs))
-    loader = make_train_loader(train.data, config.batch_size, config.seed, procs, device.type == "cuda", train_context)
+    loader = make_train_loader(train.data, config.batch_size, config.seed, procs, device.type == "cuda",
+                               context_of(config, train))
     batches = train_batches(loader, state.step, device, next(model.parameters()).dtype, train.num_levels)
     first = next(batches)
     net = prepare_model(model, first, procs, device, config.compile)
@@ -369,10 +364,10 @@ def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device
                             eval_every=config.eval_every, clip=config.clip, amp=config.amp,
                             nonfinite=config.nonfinite)
     outcome = fit(state, net, chain([first], batches), settings, procs, run_dir, evaluator)
-    if outcome == "interrupted":
-        report(procs, f"interrupted at step {state.step}: checkpoint written to {run_dir.checkpoint}; continue "
+    if outcome != "done":
+        report(procs, f"{outcome} at step {state.step}: checkpoint written to {run_dir.checkpoint}; continue "
                       f"with: python train.py --resume {run_dir.checkpoint}")
-        return 130
+        return EXIT_STATUS[outcome]
     finish(config, model, train, test, run_dir, procs, log, state.step, evaluator)
     return 0
 
@@ -394,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:  # OSError: unreadable or unwritable files
         print(f"train.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # a second SIGINT / SIGTERM while the first one's checkpoint was written
+        print("train.py: interrupted twice: stopped without a checkpoint at this step", file=sys.stderr)
+        sys.exit(130)

@@ -20,6 +20,7 @@ import shutil
 import struct
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,14 @@ def read_idx(path: Path, magic: int) -> Tensor:
     Returns:
         A uint8 tensor of the shape the header gives.
     """
-    with gzip.open(path, "rb") as stream:
-        raw = stream.read()
+    try:
+        with gzip.open(path, "rb") as stream:
+            raw = stream.read()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(
+            f"{path}: expected a gzip-compressed IDX file, got one that cannot be decompressed ({error}); it is "
+            f"truncated or corrupt: delete it and download it again"
+        ) from error
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else f"a {len(raw)}-byte file"
     if found != magic:
         raise ValueError(f"{path}: expected IDX magic number {magic} (0x{magic:08x}), got {found}")
@@ -156,8 +163,15 @@ def read_cifar_batch(path: Path) -> tuple[Tensor, Tensor]:
     plane row-major, so a reshape to ``(N, 3, 32, 32)`` is the image.
     """
     with path.open("rb") as stream:
-        # latin1 reads the original Python 2 pickles, whose numpy buffers are str.
-        batch = _BatchUnpickler(stream, encoding="latin1").load()
+        try:
+            # latin1 reads the original Python 2 pickles, whose numpy buffers are str.
+            batch = _BatchUnpickler(stream, encoding="latin1").load()
+        except Exception as error:  # a cut-off or garbled pickle can raise almost any kind
+            raise ValueError(
+                f"{path}: expected a CIFAR-10 python batch (a pickle), got one that cannot be read "
+                f"({type(error).__name__}: {error}); it is truncated or corrupt: delete the folder and download "
+                "it again"
+            ) from error
     if not isinstance(batch, dict) or not {"data", "labels"} <= batch.keys():
         found = f"keys {sorted(map(str, batch))}" if isinstance(batch, dict) else type(batch).__name__
         raise ValueError(f"{path}: expected a dict with 'data' and 'labels', got {found}")

@@ -30,6 +30,7 @@ nflows), unpacked into ``data_dir``, and preprocessed and split as in the papers
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -87,7 +88,7 @@ def standardize(splits: Splits, reference: np.ndarray, ddof: int = 0) -> Splits:
 
 def power_splits(directory: Path) -> Splits:
     """POWER: household electric power consumption (UCI), 6 columns after preprocessing."""
-    raw = np.load(directory / "data.npy")
+    raw = load_npy(directory / "data.npy", "POWER")
     _check_columns("POWER", directory / "data.npy", raw, 8)
     rng = np.random.RandomState(POWER_SEED)
     values = raw.astype(np.float64)
@@ -164,7 +165,7 @@ def read_csv(path: Path) -> tuple[list[str], np.ndarray]:
 
 def miniboone_splits(directory: Path) -> Splits:
     """MINIBOONE: particle identification (UCI), 43 columns."""
-    values = np.load(directory / "data.npy").astype(np.float64)
+    values = load_npy(directory / "data.npy", "MINIBOONE").astype(np.float64)
     _check_columns("MINIBOONE", directory / "data.npy", values, None)
     splits = three_way(values)
     return standardize(splits, np.vstack([splits["train"], splits["validation"]]))
@@ -185,6 +186,20 @@ READERS: dict[str, Callable[[Path], Splits]] = {
     "miniboone": miniboone_splits,
     "bsds300": bsds300_splits,
 }
+
+
+def load_npy(path: Path, label: str) -> np.ndarray:
+    """A ``.npy`` array of numbers (no pickles); ``ValueError`` naming the file if it is cut off or not one."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as error:
+        if isinstance(error, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{label}: expected a NumPy .npy array in {path}, got a file that cannot be read ({error}); "
+                         "it is truncated, corrupt or in another format") from error
+    if not (np.issubdtype(values.dtype, np.number) or values.dtype == np.bool_):
+        raise ValueError(f"{label}: expected numbers in {path}, got an array of {values.dtype}")
+    return values
 
 
 def _check_columns(label: str, path: Path, values: np.ndarray, columns: int | None) -> None:
@@ -245,12 +260,13 @@ def load_vectors(
     test_fraction: float = 0.1,
     validation_fraction: float = 0.1,
 ) -> DataSplit:
-    """Any ``.npy`` or ``.csv`` file of vectors ``(N, D)`` as a data set.
+    """Any ``.npy`` or ``.csv`` file of vectors ``(N, D)`` as a data set (``train.py --dataset path``).
 
-    Rows are shuffled with ``seed``; the last ``test_fraction`` is test and the last
-    ``validation_fraction`` of the rest validation; every split is standardized by the
-    train split's column means and stds (std 1 for a constant column). A CSV file may have
-    one header line.
+    Rows are shuffled with ``seed`` (``load_dataset`` and train.py: 0, so every run holds out
+    the same rows); the last ``int(test_fraction * N)`` rows are test and the last
+    ``int(validation_fraction * rest)`` of the rest validation; every split is standardized
+    by the train split's column means and stds (std 1 for a constant column). A CSV file
+    may have one header line.
 
     Example:
         >>> import numpy as np, tempfile, pathlib
@@ -280,12 +296,18 @@ def _read_vectors(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"load_vectors expected a file at {path}, not found")
     if path.suffix == ".npy":
-        values = np.load(path, allow_pickle=False)
+        values = load_npy(path, "load_vectors")
     else:
-        with path.open() as stream:
-            first = stream.readline().split(",")
-        header = not all(_is_number(field) for field in first)
-        values = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2)
+        try:
+            with path.open() as stream:
+                first = stream.readline().split(",")
+            header = not all(_is_number(field) for field in first)
+            with warnings.catch_warnings():  # an empty file: the shape check below says so
+                warnings.simplefilter("ignore", UserWarning)
+                values = np.loadtxt(path, delimiter=",", skiprows=int(header), ndmin=2)
+        except ValueError as error:  # text that is not numbers (UnicodeDecodeError too), ragged rows
+            raise ValueError(f"load_vectors expected comma-separated numbers in {path} (one header line allowed), "
+                             f"got {str(error).splitlines()[0]}") from error
     if values.ndim != 2 or values.shape[0] < 2:
         raise ValueError(f"load_vectors expected an array of shape (N, D) with N >= 2 in {path}, got {values.shape}")
     values = values.astype(np.float64)

@@ -23,15 +23,21 @@ from .step import LogProbParts, StepOutput, apply_update, needs_data_init, prepa
 # Stopping early: non-finite values and signals
 from .stopping import NonFiniteWatch, StopSignals
 
-# The run: its state, directory, loop and evaluation
+# The run: its data, state, folder, loop and evaluation
+from .inputs import check_nonempty, data_fingerprint, load_splits
 from .state import RunDir, TrainState
+from .run_dir import RunLock, claim_run_dir, start_run_files
 from .evaluation import EvalResult, evaluate, evaluating
 from .loop import LoopSettings, fit
 
+# Resuming: what may change, and the checks that a run continues the same run
+from .resume import FIXED_ON_RESUME, apply_schedule, changed_settings, check_resume, check_resume_flags
+
 # Files of a run
+from .files import RunFileError, append_text, atomic_write, writing
 from .checkpoints import check_compatible, checkpoint_payload, load_checkpoint, restore, save_checkpoint
 from .metrics_log import MetricsLog, read_metrics
-from .plots import save_class_densities, save_density, save_loss_curve, save_samples
+from .plots import save_class_densities, save_density, save_loss_curve, save_run_pictures, save_samples
 
 # Host memory
 from .allocator import reuse_freed_memory
@@ -42,8 +48,12 @@ __all__ = [
     "autocast", "build_optimizer", "build_scheduler", "lr_factor", "make_scaler",
     "LogProbParts", "StepOutput", "apply_update", "needs_data_init", "prepare_model", "train_step",
     "NonFiniteWatch", "StopSignals",
-    "RunDir", "TrainState", "EvalResult", "evaluate", "evaluating", "LoopSettings", "fit",
+    "check_nonempty", "data_fingerprint", "load_splits", "RunDir", "TrainState", "RunLock", "claim_run_dir",
+    "start_run_files", "EvalResult", "evaluate", "evaluating", "LoopSettings", "fit",
+    "FIXED_ON_RESUME", "apply_schedule", "changed_settings", "check_resume", "check_resume_flags",
+    "RunFileError", "append_text", "atomic_write", "writing",
     "check_compatible", "checkpoint_payload", "load_checkpoint", "restore", "save_checkpoint",
-    "MetricsLog", "read_metrics", "save_class_densities", "save_density", "save_loss_curve", "save_samples",
+    "MetricsLog", "read_metrics", "save_class_densities", "save_density", "save_loss_curve", "save_run_pictures",
+    "save_samples",
     "reuse_freed_memory",
 ]

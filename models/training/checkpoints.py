@@ -1,18 +1,26 @@
 """Checkpoints of ``train.py`` runs: one dict holds everything a resumed run needs.
 
 :func:`checkpoint_payload` gathers the model, optimizer, scheduler, scaler, step, the
-configs, the loop's running sums and the RNG states of every rank; :func:`save_checkpoint`
-writes it atomically (a temporary file, then ``os.replace``), so a crash never leaves a
-half-written file in place of a good one; :func:`restore` puts it back, so ``N`` steps
-and ``N/2 + resume + N/2`` give the same parameters.
+configs, the loop's running sums, the RNG states of every rank (hence the process count)
+and a fingerprint of the data; :func:`save_checkpoint` writes it atomically (a temporary
+file, then ``os.replace``), so a crash never leaves a half-written file in place of a
+good one; :func:`restore` puts it back, so ``N`` steps and ``N/2 + resume + N/2`` give
+the same parameters.
+
+The file is one header line, ``jacflow-checkpoint 2 sha256=<hex> bytes=<n>``, then the
+``torch.save`` bytes of the dict; :func:`load_checkpoint` checks the length and the
+SHA-256 before it unpickles anything, so a truncated file or a flipped byte is refused
+with a one-line error naming the file, never loaded. (Read it by hand with
+``torch.load(io.BytesIO(data[data.index(b"\\n") + 1:]))``.)
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
+import hashlib
+import io
 import random
-import tempfile
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .files import atomic_write
 from .processes import Processes
 from .state import TrainState
 
@@ -29,7 +38,9 @@ __all__ = [
     "CHECKPOINT_FORMAT", "checkpoint_payload", "save_checkpoint", "load_checkpoint", "check_compatible", "restore",
 ]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+_HEADER = re.compile(rb"jacflow-checkpoint (\d+) sha256=([0-9a-f]{64}) bytes=(\d+)\n")
+_ZIP_MAGIC = b"PK\x03\x04"  # format 1: a bare torch.save file, without a checksum
 
 
 def _rng_states() -> dict[str, Any]:
@@ -80,48 +91,87 @@ def checkpoint_payload(state: TrainState, procs: Processes) -> dict[str, Any]:
         "loop": {"skipped": state.skipped, "sums": state.sums.cpu() if state.sums is not None else None,
                  "count": state.count},
         "rng": rng_by_rank,
+        "world_size": procs.world_size,
+        "data": state.data,
     }
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Writes ``payload`` to ``path`` atomically: a temporary file in the same directory, then ``os.replace``.
+def save_checkpoint(payload: dict[str, Any], path: str | Path, after: str = "") -> None:
+    """Writes ``payload`` to ``path`` atomically, with its SHA-256 in a header line.
 
-    A failure at any point leaves an existing ``path`` as it was. A model with NaN or inf
-    parameters is never written (``FloatingPointError``), so it cannot replace a good one.
+    A failure at any point leaves an existing ``path`` as it was (``RunFileError`` naming
+    it, with ``after`` appended). A model with NaN or inf parameters is never written
+    (``FloatingPointError``), so it cannot replace a good one.
     """
     path = Path(path)
     if not _all_finite(payload["model"].values()):
         raise FloatingPointError(f"refusing to write a checkpoint with NaN or inf parameters to {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the checkpoint private
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    body = buffer.getvalue()
+    header = f"jacflow-checkpoint {CHECKPOINT_FORMAT} sha256={hashlib.sha256(body).hexdigest()} bytes={len(body)}\n"
+    atomic_write(path, header.encode() + body, after)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Loads a checkpoint dict (tensors on the CPU) written by :func:`save_checkpoint`."""
+    """Loads a checkpoint dict (tensors on the CPU) written by :func:`save_checkpoint`, after checking it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: naming the file, for an empty, truncated or altered file (its length or
+            SHA-256 differs from its header's), or a file that is not a train.py checkpoint.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint expected a file written by train.py, got {str(path)!r} (no such file)")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    data = path.read_bytes()
+    if data.startswith(_ZIP_MAGIC):
+        print(f"note: {path} is a format-1 checkpoint without a checksum; loading it unverified", file=sys.stderr)
+        payload = _unpickle(data, path)
+        if not isinstance(payload, dict) or payload.get("format") != 1:
+            raise ValueError(f"checkpoint expected a train.py checkpoint, got {str(path)!r}, another torch file")
+        return payload
+    body = _verified_body(data, path)
+    payload = _unpickle(body, path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint expected a train.py checkpoint (format {CHECKPOINT_FORMAT}), got {str(path)!r}")
+        raise ValueError(f"checkpoint {str(path)!r}: expected a train.py checkpoint dict inside, got something else")
     return payload
+
+
+def _verified_body(data: bytes, path: Path) -> bytes:
+    """The ``torch.save`` bytes after the header, if their length and SHA-256 are the header's."""
+    if not data:
+        raise ValueError(f"checkpoint {str(path)!r} is empty (0 bytes): not a train.py checkpoint; it was cut off")
+    end = data.find(b"\n", 0, 200)
+    match = _HEADER.fullmatch(data[: end + 1]) if end >= 0 else None
+    if match is None:
+        raise ValueError(
+            f"checkpoint {str(path)!r}: expected a train.py checkpoint (header 'jacflow-checkpoint {CHECKPOINT_FORMAT} "
+            f"sha256=...'), got {len(data)} bytes without one; the file is corrupt or not a checkpoint"
+        )
+    version, digest, size = int(match[1]), match[2].decode(), int(match[3])
+    if version != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {str(path)!r}: expected format {CHECKPOINT_FORMAT}, got format {version}")
+    body = data[end + 1 :]
+    if len(body) != size:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is truncated or padded: its header says {size} bytes, the file holds "
+            f"{len(body)}; it is corrupt, resume from another checkpoint"
+        )
+    if hashlib.sha256(body).hexdigest() != digest:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is corrupt: its SHA-256 differs from the one written with it (a changed "
+            "byte); it was not loaded, resume from another checkpoint"
+        )
+    return body
+
+
+def _unpickle(data: bytes, path: Path) -> Any:
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a damaged zip or pickle
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else ''}); it is corrupt") from error
 
 
 def check_compatible(payload: dict[str, Any], model: nn.Module, path: str | Path) -> None:

@@ -14,6 +14,7 @@ Distributed: data are sharded by rank, gradients are averaged by
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ def fit(
     run: RunDir,
     evaluator: Callable[[], EvalResult] | None = None,
 ) -> str:
-    """Trains ``state`` up to ``settings.steps``; returns ``"done"`` or ``"interrupted"`` (by a signal).
+    """Trains ``state`` up to ``settings.steps``; returns ``"done"``, or after a checkpoint ``"interrupted"``
+    (SIGINT) or ``"terminated"`` (SIGTERM).
 
     Writes a metrics record every ``log_every`` steps, evaluates every ``eval_every``,
     and checkpoints every ``ckpt_every`` steps, at the end, and when SIGINT / SIGTERM
@@ -109,7 +111,7 @@ def fit(
                 _log_eval(loop, evaluator())
             if stop.requested(procs, sync):
                 _checkpoint(loop)
-                return "interrupted"
+                return "terminated" if stop.signum == signal.SIGTERM else "interrupted"
             if settings.ckpt_every and state.step % settings.ckpt_every == 0:
                 _checkpoint(loop)
     if state.last_checkpoint is None or state.last_checkpoint[1] != state.step:
@@ -188,6 +190,6 @@ def _checkpoint(loop: _Loop) -> None:
     loop.watch.raise_if_seen(loop.procs, state.describe_last_checkpoint())
     payload = checkpoint_payload(state, loop.procs)
     if loop.procs.is_main:
-        save_checkpoint(payload, loop.run.checkpoint)
+        save_checkpoint(payload, loop.run.checkpoint, after=state.describe_last_checkpoint())
     state.last_checkpoint = (str(loop.run.checkpoint), state.step)
     _restart_clock(loop)

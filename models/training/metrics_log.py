@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .files import append_text, atomic_write
+
 __all__ = ["MetricsLog", "read_metrics"]
 
 
@@ -18,18 +20,36 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Drops records past ``step`` (written after the checkpoint a run resumes from)."""
         if self.path is None or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics file, in order."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics file, in order.
+
+    A last line cut off mid-write (no newline: the run was killed while appending) is
+    dropped; any other line that is not a JSON object raises ``ValueError`` naming it.
+    """
+    text = Path(path).read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line, without its newline
+                break
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object per line, got {line[:60]!r}; the file is "
+                             "corrupt")
+        records.append(record)
+    return records

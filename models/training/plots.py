@@ -1,6 +1,7 @@
-"""Pictures of a run: a grid of samples, the learned density beside the true one (2D,
-per class for a class-conditional model), and the loss curve. Drawn with matplotlib's
-Agg backend; no display needed."""
+"""Pictures of a run: samples beside the data (a grid of images, or a scatter of the first
+two features with labelled axes), the learned density beside the true one (2D, per class
+for a class-conditional model), and the loss curve. Drawn with matplotlib's Agg backend;
+no display needed. :func:`save_run_pictures` draws all of a run's."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..data.split import one_hot
+from ..data.split import DataSplit, one_hot
 from .evaluation import evaluating
+from .files import writing
+from .metrics_log import read_metrics
+from .state import RunDir
 
-__all__ = ["save_samples", "save_density", "save_class_densities", "save_loss_curve"]
+__all__ = ["save_samples", "save_density", "save_class_densities", "save_loss_curve", "save_run_pictures"]
 
 
 def _figure(ncols: int = 1, size: float = 4.0, share: bool = False, nrows: int = 1):
@@ -39,13 +43,15 @@ def _class_context(labels: Tensor, num_classes: int, like: Tensor) -> Tensor:
 def _samples(model: nn.Module, n: int, temperature: float, seed: int, labels: Tensor | None = None,
              num_classes: int | None = None) -> Tensor:
     """``n`` samples drawn without touching the global RNG stream; sample ``i`` of class
-    ``labels[i]`` when the model is class-conditional."""
+    ``labels[i]`` when the model is class-conditional (then ``n == len(labels)``)."""
     param = next(model.parameters())
-    context = None if labels is None else _class_context(labels, num_classes, param)
     devices = [param.device] if param.device.type == "cuda" else []
     with evaluating(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        x = model.sample(n, context=context, temperature=temperature)
+        if labels is None:
+            x = model.sample(n, temperature=temperature)
+        else:  # one sample per context row
+            x = model.sample(context=_class_context(labels, num_classes, param), temperature=temperature)
     return x.float().cpu()
 
 
@@ -73,11 +79,12 @@ def save_samples(
     data: Tensor | None = None, points: int = 2000, num_classes: int | None = None,
     labels: Tensor | None = None,
 ) -> None:
-    """A PNG of samples: a grid of ``n`` images, or for vectors a scatter of ``points`` samples'
-    first two features beside as many of ``data``'s.
+    """A PNG of samples beside ``data``: for images a grid of ``data``'s first ``n`` images
+    beside a grid of ``n`` samples; for vectors a scatter of ``points`` of each (the first
+    two features, axes ``x1`` and ``x2``; a histogram of one feature).
 
     With ``num_classes`` (a class-conditional model) the classes take turns: a row of
-    images per class, or points colored by class beside ``data`` colored by ``labels``.
+    images per class (the data's rows too), or points colored by class (the data's by ``labels``).
     """
     images = len(model.in_shape) == 3
     per_class, sample_labels = None, None
@@ -89,25 +96,57 @@ def save_samples(
     count = len(sample_labels) if sample_labels is not None else (n if images else points)
     x = _samples(model, count, temperature, seed, sample_labels, num_classes)
     title = f"samples, T = {temperature}" + (", a row per class" if per_class else "")
-    if x.dim() == 4:
-        figure, (ax,) = _figure()
-        grid = _image_grid(x, getattr(model, "num_levels", None), cols=per_class)
-        ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=1,
-                  interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title(title)
+    if images:
+        panels = [] if data is None else [("data", _data_images(data, labels, count, per_class, num_classes))]
+        figure, axes = _figure(ncols=len(panels) + 1)
+        for ax, (name, values) in zip(axes, [*panels, (title, x)], strict=True):
+            grid = _image_grid(values, getattr(model, "num_levels", None), cols=per_class)
+            ax.imshow(grid.squeeze(-1).numpy(), cmap="gray" if grid.shape[-1] == 1 else None, vmin=0, vmax=1,
+                      interpolation="nearest")
+            ax.set_axis_off()
+            ax.set_title(name)
     else:
         panels = [(title, x, sample_labels)]
         if data is not None:
-            panels.append(("data", data[:points].float().cpu(), None if labels is None else labels[:points]))
+            panels.insert(0, ("data", data[:points].float().cpu(), None if labels is None else labels[:points]))
         figure, axes = _figure(ncols=len(panels), share=True)
         for ax, (name, values, colors) in zip(axes, panels, strict=True):
-            color = {} if colors is None or num_classes is None else dict(
-                c=colors.numpy(), cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1))
-            ax.scatter(values[:, 0].numpy(), values[:, 1].numpy(), s=1, alpha=0.4, **color)
+            _scatter(ax, values, colors, num_classes)
             ax.set_title(name)
-            ax.set_aspect("equal")
-    figure.savefig(path, dpi=120)
+    _save(figure, path)
+
+
+def _data_images(data: Tensor, labels: Tensor | None, count: int, per_class: int | None,
+                 num_classes: int | None) -> Tensor:
+    """The first ``count`` images of ``data``, or with ``per_class`` the first ``per_class`` of each class."""
+    if per_class is None or labels is None:
+        return data[:count].float().cpu()
+    rows = []
+    for k in range(num_classes):
+        found = data[labels == k][:per_class].float().cpu()
+        blank = torch.zeros(per_class - len(found), *data.shape[1:])  # a class with fewer images: black
+        rows.append(torch.cat([found, blank]))
+    return torch.cat(rows)
+
+
+def _scatter(ax: Any, values: Tensor, colors: Tensor | None, num_classes: int | None) -> None:
+    """Points of the first two features on axes ``x1`` and ``x2``, or a histogram of a single feature."""
+    if values.shape[1] == 1:
+        ax.hist(values[:, 0].numpy(), bins=50, density=True)
+        ax.set_xlabel("x1")
+        ax.set_ylabel("density")
+        return
+    color = {} if colors is None or num_classes is None else dict(
+        c=colors.numpy(), cmap="tab10", vmin=0, vmax=max(num_classes - 1, 1))
+    ax.scatter(values[:, 0].numpy(), values[:, 1].numpy(), s=1, alpha=0.4, **color)
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
+    ax.set_aspect("equal" if values.shape[1] == 2 else "auto")
+
+
+def _save(figure: Any, path: str | Path) -> None:
+    with writing(path):
+        figure.savefig(path, dpi=120)
 
 
 def _plane(data: Tensor, resolution: int) -> tuple[Tensor, tuple[float, float, float, float]]:
@@ -137,6 +176,8 @@ def _learned_log_prob(model: nn.Module, grid: Tensor, label: int | None = None,
 def _draw_density(ax: Any, log_p: Tensor, extent: tuple[float, ...], resolution: int, title: str) -> None:
     image = log_p.double().exp().reshape(resolution, resolution).numpy()
     ax.imshow(image, origin="lower", extent=extent, cmap="viridis")
+    ax.set_xlabel("x1")
+    ax.set_ylabel("x2")
     ax.set_title(title)
 
 
@@ -152,7 +193,7 @@ def save_density(
     figure, axes = _figure(ncols=len(panels))
     for ax, (title, log_p) in zip(axes, panels, strict=True):
         _draw_density(ax, log_p, extent, resolution, title)
-    figure.savefig(path, dpi=120)
+    _save(figure, path)
 
 
 def save_class_densities(
@@ -171,7 +212,7 @@ def save_class_densities(
         if true_log_prob_given is not None:
             truth = true_log_prob_given(grid.to(torch.float64), torch.full((len(grid),), k)).cpu()
             _draw_density(axes[1, k], truth, extent, resolution, f"true, class {k}")
-    figure.savefig(path, dpi=120)
+    _save(figure, path)
 
 
 def save_loss_curve(records: list[dict[str, Any]], path: str | Path) -> None:
@@ -185,4 +226,26 @@ def save_loss_curve(records: list[dict[str, Any]], path: str | Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("bits / dim")
     ax.legend()
-    figure.savefig(path, dpi=120)
+    _save(figure, path)
+
+
+def save_run_pictures(model: nn.Module, run: RunDir, train: DataSplit, test: DataSplit, *, conditional: bool,
+                      num_samples: int, temperature: float, seed: int) -> list[Path]:
+    """A run's pictures: samples beside the data, the learned density of 2D data, the loss curve.
+
+    Returns the paths written.
+    """
+    classes = train.num_classes if conditional else None
+    save_samples(model, run.samples, num_samples, temperature, seed, train.data, num_classes=classes,
+                 labels=train.labels)
+    written = [run.samples]
+    if train.kind == "toy2d" and classes:
+        save_class_densities(model, run.density, train.data, classes, test.density.log_prob_given)
+        written.append(run.density)
+    elif train.kind == "toy2d":
+        save_density(model, run.density, train.data, test.density.log_prob)
+        written.append(run.density)
+    if run.metrics.exists():
+        save_loss_curve(read_metrics(run.metrics), run.loss)
+        written.append(run.loss)
+    return written

@@ -26,6 +26,7 @@ class TrainState:
     sums: Tensor | None = None  # running (loss, log_p, logdet, grad_norm) sums since the last record
     count: int = 0  # steps in ``sums``
     last_checkpoint: tuple[str, int] | None = None  # (path, step) of the last good checkpoint
+    data: dict[str, Any] | None = None  # the fingerprint of the data set (a resumed run must have the same)
 
     def describe_last_checkpoint(self) -> str:
         if self.last_checkpoint is None:
@@ -63,3 +64,13 @@ class RunDir:
     @property
     def density(self) -> Path:
         return self.root / "density.png"
+
+    @property
+    def lock(self) -> Path:
+        """Held (``flock``) by the one run writing here; holds that run's pid."""
+        return self.root / ".lock"
+
+    def run_files(self) -> list[Path]:
+        """The files a run writes here (the lock file aside) that exist."""
+        paths = (self.config, self.metrics, self.checkpoint, self.samples, self.loss, self.density)
+        return [path for path in paths if path.exists()]

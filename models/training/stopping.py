@@ -73,12 +73,16 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def requested(self, procs: Processes, sync_point: bool) -> bool:
-        """Whether to stop now; across processes only at sync points, so all ranks stop at one step."""
+        """Whether to stop now; across processes only at sync points, so all ranks stop at one step
+        (and take the highest signal number any rank got as ``signum``)."""
         if not procs.distributed:
             return self.signum is not None
         if not sync_point:
             return False
-        flag = torch.tensor([float(self.signum is not None)])
+        flag = torch.tensor([float(self.signum or 0)])
         if dist.get_backend() == "nccl":
             flag = flag.cuda()
-        return bool(all_reduce(flag, procs, dist.ReduceOp.MAX).item())
+        signum = int(all_reduce(flag, procs, dist.ReduceOp.MAX).item())
+        if signum:
+            self.signum = signum
+        return bool(signum)

@@ -231,7 +231,7 @@ def test_cifar_batch_rejects_malformed_content(tmp_path, batch, message):
 
 def test_cifar_batch_refuses_to_run_code(tmp_path):
     (tmp_path / "batch").write_bytes(pickle.dumps({"data": print, "labels": []}))
-    with pytest.raises(pickle.UnpicklingError, match=r"builtins.print is not allowed in a CIFAR batch"):
+    with pytest.raises(ValueError, match=r"batch: expected a CIFAR-10 python batch .*builtins.print is not allowed"):
         read_cifar_batch(tmp_path / "batch")
 
 
@@ -268,3 +268,32 @@ def test_cifar10_download_rejects_a_bad_existing_archive(tmp_path):
     )
     with pytest.raises(ValueError, match=message):
         load_dataset("cifar10", tmp_path, download=True)
+
+
+@pytest.mark.parametrize("fault", ["cut off", "random bytes", "garbled stream"])
+def test_a_damaged_mnist_file_is_one_clear_error(tmp_path, fault):
+    files = mnist_files(np.random.default_rng(0))
+    good = files["t10k-images-idx3-ubyte.gz"]
+    files["t10k-images-idx3-ubyte.gz"] = {
+        "cut off": good[: len(good) // 2],
+        "random bytes": np.random.default_rng(1).bytes(len(good)),
+        "garbled stream": good[:10] + np.random.default_rng(2).bytes(len(good) - 10),  # a valid gzip header
+    }[fault]
+    write_files(tmp_path / "mnist", files)
+    message = r"t10k-images-idx3-ubyte.gz: expected a gzip-compressed IDX file, got one that cannot be " \
+              r"decompressed \(.*\); it is truncated or corrupt: delete it and download it again"
+    with pytest.raises(ValueError, match=message):
+        load_dataset("mnist", tmp_path, split="test")
+
+
+@pytest.mark.parametrize("fault", ["cut off", "random bytes", "empty"])
+def test_a_damaged_cifar_batch_is_one_clear_error(tmp_path, fault):
+    files = cifar_files(np.random.default_rng(0))
+    good = files["test_batch"]
+    files["test_batch"] = {"cut off": good[: len(good) // 2], "random bytes": np.random.default_rng(1).bytes(400),
+                           "empty": b""}[fault]
+    write_files(tmp_path / image_sets.CIFAR10_FOLDER, files)
+    message = r"test_batch: expected a CIFAR-10 python batch \(a pickle\), got one that cannot be read \(\w+: .*\); " \
+              r"it is truncated or corrupt"
+    with pytest.raises(ValueError, match=message):
+        load_dataset("cifar10", tmp_path, split="test")

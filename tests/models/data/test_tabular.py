@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import SPLITS, DataRequest
+from models.data import SPLITS, DataRequest, load_dataset
 from models.data.tabular import TABULAR, drop_correlated, load_tabular, load_vectors
 
 
@@ -243,3 +243,40 @@ def test_load_vectors_errors(tmp_path) -> None:
         load_vectors(tmp_path / "nan.npy")
     with pytest.raises(ValueError, match=r"load_vectors expected fractions in \[0, 1\), got test_fraction=1.5"):
         load_vectors(tmp_path / "nan.npy", test_fraction=1.5)
+
+
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("cut.npy", "cut", r"load_vectors: expected a NumPy \.npy array in .*cut\.npy, got a file that cannot be read "
+                       r"\(.*\); it is truncated, corrupt or in another format"),
+    ("random.npy", "random", r"random\.npy, got a file that cannot be read"),
+    ("empty.npy", b"", r"empty\.npy, got a file that cannot be read"),
+    ("words.npy", "words", r"load_vectors: expected numbers in .*words\.npy, got an array of <U"),
+    ("text.csv", b"a,b\n1,x\n", r"load_vectors expected comma-separated numbers in .*text\.csv .*could not convert"),
+    ("ragged.csv", b"1,2\n3\n", r"ragged\.csv .*number of columns changed"),
+    ("binary.csv", "random", r"binary\.csv \(one header line allowed\), got .*codec can't decode"),
+    ("empty.csv", b"", r"load_vectors expected an array of shape \(N, D\) with N >= 2 in .*empty\.csv, got \(0, 1\)"),
+])
+def test_a_bad_file_of_vectors_is_one_clear_error(tmp_path, name, content, match) -> None:
+    good = tmp_path / "good.npy"
+    np.save(good, np.random.default_rng(0).normal(size=(50, 3)))
+    if content == "cut":
+        content = good.read_bytes()[:300]
+    elif content == "random":
+        content = b"\xf4" + np.random.default_rng(1).bytes(300)
+    elif content == "words":
+        np.save(tmp_path / "w.npy", np.array([["a", "b"], ["c", "d"]]))
+        content = (tmp_path / "w.npy").read_bytes()
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        load_vectors(tmp_path / name)
+
+
+def test_load_dataset_takes_the_path_of_a_file_of_vectors(tmp_path) -> None:
+    values = np.random.default_rng(0).normal(size=(40, 3))
+    np.savetxt(tmp_path / "points.csv", values, delimiter=",", header="a,b,c", comments="")
+    train = load_dataset(str(tmp_path / "points.csv"))
+    test = load_dataset(tmp_path / "points.csv", split="test")
+    assert (len(train), len(test), train.shape, train.name, train.kind) == (33, 4, (3,), "points", "vector")
+    assert torch.equal(test.data, load_vectors(tmp_path / "points.csv", "test", seed=0).data)
+    with pytest.raises(FileNotFoundError, match=r"load_vectors expected a file at .*nope\.npy, not found"):
+        load_dataset(tmp_path / "nope.npy")

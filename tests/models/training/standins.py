@@ -1,9 +1,14 @@
-"""Tiny stand-in models built from flows layers, and a helper that runs fit on them."""
+"""Tiny stand-in models built from flows layers, a helper that runs fit on them, and a stand-in for
+another run holding a run folder's lock."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import textwrap
 from functools import partial
+from pathlib import Path
 from itertools import chain
 
 import torch
@@ -77,3 +82,18 @@ def start(model, data, steps, run_dir, procs=Processes(), num_levels=None, start
 
 def params(model) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.state_dict().values()]
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding ``path``'s flock (as a running train.py would); returns once it holds it."""
+    code = textwrap.dedent(f"""
+        import fcntl, os, sys
+        fd = os.open({str(path)!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0); os.write(fd, b"%d\\n" % os.getpid())
+        print("holding", flush=True)
+        sys.stdin.read()
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    return holder

@@ -38,3 +38,12 @@ def test_the_path_less_check_can_fail(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)
     Stray(None).write({"step": 1})
     assert list(tmp_path.iterdir()) == [tmp_path / "metrics.jsonl"]
+
+
+def test_a_line_cut_off_by_a_kill_is_dropped_and_a_corrupt_one_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"split": "train", "step": 2}\n{"split": "tra')  # killed while appending
+    assert read_metrics(path) == [{"split": "train", "step": 2}]
+    path.write_text('{"split": "train", "step": 2}\n\x00\x00garbage\n{"split": "train", "step": 4}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: expected a JSON object per line, got .*file is corrupt"):
+        read_metrics(path)
