@@ -103,7 +103,9 @@ def _groups(num_draws: int) -> int:
     return max(2, min(8, num_draws // 50))
 
 
-def variance_test(draws: Tensor, false_alarm: float, max_kurtosis: float = MAX_KURTOSIS) -> tuple[Tensor, float]:
+def variance_test(
+    draws: Tensor, false_alarm: float, max_kurtosis: float = MAX_KURTOSIS, resolution: Tensor | float = 0.0
+) -> tuple[Tensor, float]:
     """Whether the variances of groups of consecutive draws agree, per column: the finite-variance check.
 
     The draws of each column are cut into ``g = max(2, min(8, n // 50))`` groups of ``m``;
@@ -112,12 +114,16 @@ def variance_test(draws: Tensor, false_alarm: float, max_kurtosis: float = MAX_K
     ``kappa = max_kurtosis`` and a Bonferroni bound over the ``g (g - 1) / 2`` pairs and
     the columns.
 
+    A variance is floored at ``resolution^2`` (round-off, as in :func:`mean_test`), so an
+    estimator that is exact up to round-off does not compare noise with noise.
+
     Returns:
         The ``(T,)`` ranges of the groups' log-variances and the threshold.
     """
     n, groups = draws.shape[0], _groups(draws.shape[0])
     m = n // groups
-    log_variances = torch.log(draws[: m * groups].reshape(groups, m, -1).var(1) + torch.finfo(draws.dtype).tiny)
+    floor = torch.as_tensor(resolution, dtype=draws.dtype) ** 2 + torch.finfo(draws.dtype).tiny
+    log_variances = torch.log(draws[: m * groups].reshape(groups, m, -1).var(1) + floor)
     spread = log_variances.amax(0) - log_variances.amin(0)
     tests = draws.shape[1] * groups * (groups - 1) / 2
     z = -float(torch.special.ndtri(torch.tensor(false_alarm / (2 * tests), dtype=torch.float64)))
@@ -148,8 +154,9 @@ def _judge(
             f"{what}: non-finite estimate {float(draws[i, j])} in draw {i} for {names[j]} "
             f"(exact value {float(exact[j]):.6g})"
         )
-    scores, errors, z_threshold = mean_test(draws, exact, false_alarm / 2, _resolution(dtype, exact))
-    spreads, v_threshold = variance_test(draws, false_alarm / 2, max_kurtosis)
+    resolution = _resolution(dtype, exact)
+    scores, errors, z_threshold = mean_test(draws, exact, false_alarm / 2, resolution)
+    spreads, v_threshold = variance_test(draws, false_alarm / 2, max_kurtosis, resolution)
     failures = []
     for j in torch.nonzero(scores.abs() > z_threshold).flatten().tolist():
         failures.append(
@@ -226,7 +233,9 @@ def check_estimator(
         z, first = flow(x, context)
         draws = torch.stack([first] + [flow(x, context)[1] for _ in range(num_draws - 1)])
     if draws.shape != (num_draws, x.shape[0]):
-        raise EstimatorCheckError(f"{name}: logdet must have shape (batch,) = ({x.shape[0]},), got {tuple(first.shape)}")
+        raise EstimatorCheckError(
+            f"{name}: logdet must have shape (batch,) = ({x.shape[0]},), got {tuple(first.shape)}"
+        )
     gap = (z - z_exact).abs().max()
     if bool(gap > _resolution(x.dtype, z_exact.abs().max())):
         raise EstimatorCheckError(
@@ -317,4 +326,5 @@ def check_gradient_estimator(
         draws = torch.stack([
             _projections(_gradients(flow(x_leaf, context)[1].sum(), leaves), directions) for _ in range(num_draws)
         ])
-    return _judge(f"{type(flow).__name__} {mode!r} log-det gradient", names, draws, exact, x.dtype, false_alarm, max_kurtosis)
+    what = f"{type(flow).__name__} {mode!r} log-det gradient"
+    return _judge(what, names, draws, exact, x.dtype, false_alarm, max_kurtosis)
