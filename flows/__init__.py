@@ -36,7 +36,8 @@ from flows.reshape import Flatten, Split, Squeeze
 from flows.freeform import FreeFormFlow, logdet_is_exact, logdet_is_likelihood, logdet_mode
 
 # Densities (torch distributions) and interop with torch.distributions
-from flows.distributions import DiagonalNormal, FlowDistribution, GaussianMixture, StandardNormal
+from flows.bases import DiagonalNormal, GaussianMixture, StandardNormal
+from flows.distributions import FlowDistribution
 from flows.interop import FlowAsTransform, TransformAsFlow
 
 # The oracle
