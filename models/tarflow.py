@@ -84,7 +84,8 @@ class TarFlow(DensityModel):
         # likelihood setting at 32x32, 2-768-8-8 on 256 patches, uniform dequantization only.
         "cifar10": dict(patch_size=2, hidden_features=768, num_steps=8, num_blocks=8, noise_std=0.0),
         # jacflow: 8x8 digits (1x8x8, K=17) on a 2-core CPU: 16 patches of 2x2, 8 blocks of one
-        # layer 32 wide (of the sizes timed, the cheapest step: ~160 ms against ~290 ms for 4 x 1 x 64).
+        # layer 32 wide, the cheapest step of the sizes timed (4x2 at 64 wide took 2-4x as long);
+        # 6000 steps of 128 reach 2.14 test bits/dim (benchmarks/tarflow.py).
         "digits": dict(patch_size=2, hidden_features=32, num_steps=8, num_blocks=1, num_heads=2,
                        context_dropout=0.1),
         # jacflow: 2D toy densities, 2 patches of one value.
