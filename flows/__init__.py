@@ -3,7 +3,7 @@
 ``forward`` maps data to latent (the density direction); ``inverse`` maps back.
 """
 
-from flows import derivatives, jacobian, maps, nets, splines
+from flows import attention, derivatives, jacobian, lipschitz, maps, nets, spectral, splines, statistical, transformer
 
 # The contract
 from flows.base import Flow, Inverse, InverseFlow, InverseNotAvailable, Sequential
@@ -32,16 +32,23 @@ from flows.elementwise import Logit, ScalarAffine
 # Reshaping and multi-scale
 from flows.reshape import Flatten, Split, Squeeze
 
+# Transformer autoregressive flows (TarFlow)
+from flows.transformer import FixedPoint, Patchify, TransformerAutoregressive
+
 # Free-form Jacobians: log-det modes (exact / estimate / gradient)
 from flows.freeform import FreeFormFlow, logdet_is_exact, logdet_is_likelihood, logdet_mode
+from flows.residual import ConvergenceError, Residual
+from flows.lipschitz import LipSwish, LipschitzConvNet, LipschitzMLP, LipschitzNet
+from flows.spectral import LipschitzConv2d, LipschitzLinear
 
 # Densities (torch distributions) and interop with torch.distributions
 from flows.bases import DiagonalNormal, GaussianMixture, StandardNormal
 from flows.distributions import FlowDistribution
 from flows.interop import FlowAsTransform, TransformAsFlow
 
-# The oracle
+# The oracle: exact Jacobians, and the statistical half for estimators
 from flows.jacobian import check_flow, exact_logdet
+from flows.statistical import EstimatorCheckError, check_estimator, check_gradient_estimator
 
 __all__ = [
     "Flow", "Inverse", "InverseFlow", "InverseNotAvailable", "Sequential",
@@ -53,8 +60,12 @@ __all__ = [
     "InvConv1x1", "Permutation", "Reverse",
     "Logit", "ScalarAffine",
     "Flatten", "Split", "Squeeze",
+    "FixedPoint", "Patchify", "TransformerAutoregressive",
     "FreeFormFlow", "logdet_is_exact", "logdet_is_likelihood", "logdet_mode",
+    "Residual", "ConvergenceError", "LipSwish", "LipschitzConvNet", "LipschitzMLP", "LipschitzNet",
+    "LipschitzConv2d", "LipschitzLinear",
     "DiagonalNormal", "FlowDistribution", "GaussianMixture", "StandardNormal",
     "FlowAsTransform", "TransformAsFlow",
-    "check_flow", "exact_logdet", "derivatives", "jacobian", "maps", "nets", "splines",
+    "check_flow", "exact_logdet", "EstimatorCheckError", "check_estimator", "check_gradient_estimator",
+    "attention", "derivatives", "jacobian", "lipschitz", "maps", "nets", "spectral", "splines", "statistical", "transformer",
 ]

@@ -76,7 +76,7 @@ class _SpectrallyNormalized(nn.Module):
         self.num_power_iterations = num_power_iterations
         self.register_buffer("u", F.normalize(torch.randn(out_shape).flatten(), dim=0).reshape(out_shape))
         self.register_buffer("v", F.normalize(torch.randn(in_shape).flatten(), dim=0).reshape(in_shape))
-        self._weight_version = -1
+        self._weight_version: tuple = ()
         self.power_iterate(_INITIAL_POWER_ITERATIONS)
         # Loaded vectors belong to the loaded weight: no update after a load.
         self.register_load_state_dict_post_hook(lambda module, keys: module._mark_current())
@@ -87,8 +87,17 @@ class _SpectrallyNormalized(nn.Module):
     def _apply_adjoint(self, u: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def _weight_key(self) -> tuple[int, int, torch.dtype]:
+        """The weight's in-place version and storage: ``.to()``/``.double()`` make a new
+        tensor whose version counter restarts, so the version alone could miss a change."""
+        return self.weight._version, self.weight.data_ptr(), self.weight.dtype
+
     def _mark_current(self) -> None:
-        self._weight_version = self.weight._version
+        self._weight_version = self._weight_key()
+
+    def weight_changed(self) -> bool:
+        """Whether the weight changed since the vectors were last updated (or loaded)."""
+        return self._weight_key() != self._weight_version
 
     @torch.no_grad()
     def power_iterate(self, num_iterations: int) -> None:
@@ -109,7 +118,7 @@ class _SpectrallyNormalized(nn.Module):
 
     def normalized_weight(self) -> Tensor:
         """``W / max(1, sigma / coefficient)``: operator norm at most ``coefficient`` (as estimated)."""
-        if self.training and self.weight._version != self._weight_version:
+        if self.training and self.weight_changed():
             self.power_iterate(self.num_power_iterations)
         return self.weight / torch.clamp(self.spectral_norm() / self.coefficient, min=1.0)
 
@@ -210,5 +219,5 @@ def refresh_spectral_norms(module: nn.Module) -> None:
     transforms or a fixed-point loop, so that no update happens in there."""
     for layer in module.modules():
         if isinstance(layer, _SpectrallyNormalized) and layer.training:
-            if layer.weight._version != layer._weight_version:
+            if layer.weight_changed():
                 layer.power_iterate(layer.num_power_iterations)

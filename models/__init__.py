@@ -21,8 +21,10 @@ from .maf import MAF
 from .nice import NICE
 from .nsf import NSF
 from .realnvp import RealNVP
+from .residual import ResidualFlow
+from .tarflow import TarFlow
 
-__all__ = ["DensityModel", "NICE", "RealNVP", "Glow", "MAF", "NSF", "MODELS", "build_model"]
+__all__ = ["DensityModel", "NICE", "RealNVP", "Glow", "MAF", "NSF", "ResidualFlow", "TarFlow", "MODELS", "build_model"]
 
 # Model name -> class. Each class has a ``PRESETS`` dict (preset name -> constructor
 # keyword arguments). Add a model with one line here.
@@ -32,6 +34,8 @@ MODELS: dict[str, type[DensityModel]] = {
     "glow": Glow,
     "maf": MAF,
     "nsf": NSF,
+    "residual": ResidualFlow,
+    "tarflow": TarFlow,
 }
 
 

@@ -125,6 +125,20 @@ LAYERS: dict[str, Case] = {
     # torch.distributions transforms as flows, and a flow through torch's Transform and back
     "torch-transform": Case(lambda: flows.TransformAsFlow(ComposeTransform([AffineTransform(0.1, 0.8), SigmoidTransform()])), (4,)),
     "flow-as-transform": Case(lambda: flows.TransformAsFlow(flows.FlowAsTransform(flows.AffineCoupling(3, conv), 3)), (3, 2, 2)),
+    # residual (free-form Jacobian, exact mode)
+    "residual-vector": Case(lambda: flows.Residual(flows.LipschitzMLP(3, 8)), (3,)),
+    "residual-context-vector": Case(lambda: flows.Residual(flows.LipschitzMLP(4, 8, context_features=2)), (4,), 2),
+    "residual-image": Case(lambda: flows.Residual(flows.LipschitzConvNet(2, 4, (2, 2))), (2, 2, 2)),
+    "residual-context-image": Case(
+        lambda: flows.Residual(flows.LipschitzConvNet(2, 4, (2, 2), context_features=2)), (2, 2, 2), 2
+    ),
+    # transformer autoregressive (TarFlow)
+    "patchify": Case(lambda: flows.Patchify((2, 4, 4), 2), (2, 4, 4)),
+    "unpatchify": Case(lambda: flows.Inverse(flows.Patchify((2, 4, 4), 2)), (4, 8)),
+    "transformer-autoregressive": Case(lambda: flows.TransformerAutoregressive(3, 4, 8, 1, 2), (4, 3)),
+    "transformer-autoregressive-reversed-context": Case(
+        lambda: flows.TransformerAutoregressive(3, 4, 8, 1, 2, context_features=2, order="reversed"), (4, 3), 2
+    ),
     # any map through the families' own classes
     "coupling-custom-map": Case(lambda: flows.Coupling(4, mlp, flows.AffineMap("sigmoid"), "checkerboard"), (4,)),
     "autoregressive-additive-map": Case(lambda: flows.Autoregressive(4, flows.AdditiveMap(), 8), (4,)),
@@ -144,6 +158,8 @@ SMALL: dict[str, dict] = {
     # Dropout off: a random mask makes every call a different map (tests/models/test_nsf.py
     # checks the dropout presets in eval mode).
     "nsf": dict(num_scales=1, num_steps=2, hidden_features=4, num_blocks=1, dropout=0.0),
+    "residual": dict(num_scales=2, num_steps=1, hidden_features=4, num_blocks=0, logdet_mode="exact"),
+    "tarflow": dict(patch_size=2, hidden_features=8, num_steps=2, num_blocks=1, num_heads=2),
 }
 # Vector presets: MLP / MADE conditioners wider than image ones (4 ReLU units are often all
 # off for a batch, and then a parameter legitimately gets no gradient).

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("flows", "models")
 MAX_LINES = 400
 ARCHITECTURES = ("models.density", "models.nice", "models.realnvp", "models.glow", "models.maf", "models.nsf",
-                 "models.multiscale")
+                 "models.multiscale", "models.residual", "models.continuous", "models.tarflow")
 
 Graph = dict[str, set[str]]
 
