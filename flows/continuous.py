@@ -15,12 +15,14 @@ FFJORD (ConcatSquashNet 2-64-64-64-2, exact trace, dopri5 at 1e-5, batch 512, Ad
 7 interleaved rounds, medians; 1 thread of the 2 shared cores, load average ~9):
 - backpropagation through the solver, s/step (NFE): after 0 training steps torchdiffeq
   0.199 (24), torchode 0.175 (24); after 300 steps torchdiffeq 0.378 (26), torchode
-  0.528 (38). torchode only trains with ``backprop_through_step_size_control=False``:
-  its default gives every parameter a non-finite gradient from the first step.
-- the adjoint method: torchdiffeq 0.64 s/step, torchode's ``BacksolveAdjoint`` 4.6-6.4
-  s/step (same gradients to 1e-4): it vmaps the dynamics per sample and integrates a
-  per-sample copy of every parameter's adjoint, a state of batch x parameters.
-torchdiffeq: 12% slower at the start, 1.4x faster and a third fewer NFE once the flow has
+  0.528 (38); after 1000 steps torchdiffeq 1.161 (50), torchode 1.573 (56). torchode only
+  trains with ``backprop_through_step_size_control=False``: its default gives every
+  parameter a non-finite gradient from the first step.
+- the adjoint method (``--adjoint``, after 0 steps): torchdiffeq 0.620 s/step (40 NFE
+  forward and backward), torchode's ``BacksolveAdjoint`` 5.218 (96): it vmaps the dynamics
+  per sample and integrates a per-sample copy of every parameter's adjoint, a state of
+  batch x parameters.
+torchdiffeq: 12% slower at the start, 1.4x faster with 10-30% fewer NFE once the flow has
 learned something, 8x faster adjoints whose state does not grow with the batch, and
 training that works with its defaults.
 """
