@@ -56,4 +56,6 @@ def test_every_model_and_the_digits_build_from_the_installed_wheel(wheel: Path, 
     result = subprocess.run([sys.executable, "-S", "-c", USE], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["ok", "5", "(300,", "1,", "8,", "8)"]
+    import models
+
+    assert result.stdout.split() == ["ok", str(len(models.MODELS)), "(300,", "1,", "8,", "8)"]
