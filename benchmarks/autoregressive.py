@@ -33,7 +33,7 @@ SAMPLING_REPEATS = {8: 5, 64: 3, 512: 1}
 
 
 def _perturbed(module: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
-    """Moves zero-initialised layers off the identity, so every branch does real work."""
+    """Moves zero-initialized layers off the identity, so every branch does real work."""
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn_like(p) * std)

@@ -59,7 +59,7 @@ def main() -> None:
     model = Glow((3, 32, 32), num_levels=256, num_scales=3, num_steps=8, hidden_features=128)
     x = torch.rand(32, 3, 32, 32) * 256
     nets = subnetworks(model)
-    shapes = input_shapes(model, nets, x)  # also initialises ActNorm
+    shapes = input_shapes(model, nets, x)  # also initializes ActNorm
     # Inside the flow every subnetwork's input depends on parameters, so its backward
     # computes input gradients too; the baseline does the same work.
     inputs = [torch.randn(shape, requires_grad=True) for shape in shapes]

@@ -37,7 +37,7 @@ def test_oracle_eval_mode(name: str) -> None:
     case = CASES[name]
     flow = build(case)
     x, context = inputs(case, 3)
-    flow(x, context)  # data-dependent initialisation, then freeze
+    flow(x, context)  # data-dependent initialization, then freeze
     flow.eval()
     check_flow(flow, x, context, atol=case.tolerance, rtol=case.tolerance)
 

@@ -1,4 +1,4 @@
-"""ActNorm: data-dependent initialisation, its persistence, and its multi-process averaging."""
+"""ActNorm: data-dependent initialization, its persistence, and its multi-process averaging."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import flows
 
 
-def test_initialisation_standardises_each_channel() -> None:
+def test_initialization_standardizes_each_channel() -> None:
     x = torch.randn(64, 3, 4, 4) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1) + 7.0
     layer = flows.ActNorm(3)
     y, logdet = layer(x)
@@ -23,7 +23,7 @@ def test_initialisation_standardises_each_channel() -> None:
     torch.testing.assert_close(logdet, expected.expand(64), rtol=1e-12, atol=1e-12)
 
 
-def test_constant_channel_initialises_without_nan() -> None:
+def test_constant_channel_initializes_without_nan() -> None:
     x = torch.randn(8, 2, 3, 3)
     x[:, 1] = 4.0
     layer = flows.ActNorm(2)
@@ -32,7 +32,7 @@ def test_constant_channel_initialises_without_nan() -> None:
     assert layer.log_scale[1] == 0 and torch.all(y[:, 1] == 0)
 
 
-def test_initialises_once_and_only_in_training_mode() -> None:
+def test_initializes_once_and_only_in_training_mode() -> None:
     layer = flows.ActNorm(2)
     layer.eval()
     layer(torch.randn(4, 2) * 3)
@@ -54,7 +54,7 @@ def test_explicit_initialize() -> None:
     torch.testing.assert_close(y.mean(0), torch.zeros(3), rtol=0, atol=1e-12)
 
 
-def test_loaded_state_is_not_reinitialised() -> None:
+def test_loaded_state_is_not_reinitialized() -> None:
     trained = flows.ActNorm(3)
     trained(torch.randn(16, 3) * 4 + 2)
     fresh = flows.ActNorm(3)
@@ -64,7 +64,7 @@ def test_loaded_state_is_not_reinitialised() -> None:
     torch.testing.assert_close(fresh(x)[0], trained(x)[0], rtol=0, atol=0)
 
 
-def test_uninitialised_state_loads_as_uninitialised() -> None:
+def test_uninitialized_state_loads_as_uninitialized() -> None:
     fresh = flows.ActNorm(3)
     fresh.load_state_dict(flows.ActNorm(3).state_dict())
     assert not fresh.is_initialized
@@ -108,7 +108,7 @@ def _init_on_rank(rank: int, world_size: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def test_initialisation_is_averaged_over_processes(tmp_path) -> None:
+def test_initialization_is_averaged_over_processes(tmp_path) -> None:
     mp.spawn(_init_on_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in ("bias", "log_scale"):

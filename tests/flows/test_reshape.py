@@ -56,7 +56,7 @@ def test_split_keeps_the_shape_and_inverts_exactly() -> None:
 
 
 def test_split_prior_starts_standard_normal() -> None:
-    """With the prior net zero-initialised, the factored half passes unchanged."""
+    """With the prior net zero-initialized, the factored half passes unchanged."""
     split = flows.Split(flows.Reverse(), features=4, prior_net=partial(GlowConvNet, hidden_features=4))
     x = torch.randn(2, 4, 2, 2)
     z, logdet = split(x)
