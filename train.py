@@ -25,6 +25,15 @@ Commands::
     # Evaluate a checkpoint and draw colder samples, without training:
     python train.py --resume runs/realnvp-digits/checkpoint.pt --eval-only --temperature 0.7
 
+    # Free-form log-dets (residual flows, FFJORD): trained in the preset's --logdet-mode; test
+    # log-likelihoods exact up to D = 64, else estimates with their standard error. RNODE for FFJORD:
+    python train.py --model residual --preset toy2d --dataset checkerboard
+    python train.py --model ffjord --preset toy2d --dataset eight_gaussians --kinetic-energy 0.01 --jacobian-norm 0.01
+
+    # TarFlow given the class, its samples with classifier-free guidance; Glow with memory flat in depth:
+    python train.py --model tarflow --conditional --guidance 2
+    python train.py --model glow --invertible-backprop
+
     # Several GPUs (or, with --device cpu, processes) on one machine:
     torchrun --standalone --nproc_per_node 4 train.py --model glow --preset cifar10 --download
 
@@ -38,13 +47,11 @@ One run writes to a folder at a time (it holds ``<out>/.lock``), and never into 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import inspect
 import math
 import random
 import sys
-import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -59,19 +66,15 @@ import torch.distributed as dist
 from models import MODELS, build_model
 from models.data import DATASETS, DataSplit
 from models.training import (
-    EvalResult, LoopSettings, MetricsLog, Processes, RunDir, TrainState, apply_schedule, build_optimizer,
-    build_scheduler, changed_settings, check_compatible, check_resume, check_resume_flags, claim_run_dir,
-    data_fingerprint, evaluate, fit, load_checkpoint, load_splits, make_scaler, make_train_loader, prepare_model,
-    restore, reuse_freed_memory, save_run_pictures, setup_processes, start_run_files, teardown_processes,
-    train_batches,
+    EXACT_MAX_DIMS, EvalResult, LoopSettings, MetricsLog, Monitor, Processes, RunDir, TrainState, apply_schedule,
+    augmented, build_optimizer, build_parser, build_scheduler, changed_settings, check_compatible, check_resume,
+    check_resume_flags, claim_run_dir, configure_continuous, data_fingerprint, evaluate, evaluation_logdet, fit, kl_gap,
+    load_checkpoint, load_splits, loss_kind, loss_note, make_scaler, make_train_loader, monitors_for, option,
+    prepare_model, restore, reuse_freed_memory, rnode_penalty, save_run_pictures, set_logdet_mode, setup_processes,
+    start_run_files, teardown_processes, train_batches, use_invertible_backprop,
 )
 
 # The configuration
-
-
-def option(default: Any, help: str) -> Any:
-    """A Config field with its flag's help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class Config:
     after it was checked: a new value (the steps of ``--epochs``) makes a new Config.
     """
 
-    model: str = option("realnvp", "model family: nice, realnvp, glow, maf or nsf")
+    model: str = option("realnvp", "model family: nice, realnvp, glow, maf, nsf, residual, ffjord or tarflow")
     preset: str = option("digits", "model sizes, see the model's PRESETS; also run settings for the presets below")
     dataset: str = option("digits", "data set: digits (embedded), a 2D toy (two_moons, checkerboard, ...), mixture10d, "
                                     "mnist, cifar10, a tabular set (power, gas, hepmass, miniboone, bsds300), or your "
@@ -114,6 +117,19 @@ class Config:
     ckpt_every: int = option(1000, "steps between checkpoints (0: only at the end)")
     eval_every: int = option(0, "steps between test evaluations (0: only at the end)")
     nonfinite: Literal["stop", "skip"] = option("stop", "on a NaN/inf loss: stop with an error, or skip the batch")
+    invertible_backprop: bool = option(False, "rebuild each step's input through its inverse in the backward pass "
+                                              "instead of storing it: memory flat in depth (closed-form inverses only)")
+    logdet_mode: Literal["exact", "estimate", "gradient"] | None = option(
+        None, "residual, ffjord: log-dets in training (default: the preset's); gradient's loss is a surrogate, "
+              "logged as surrogate_loss, never as bits/dim")
+    eval_logdet: Literal["auto", "exact", "estimate"] = option(
+        "auto", f"residual, ffjord: test log-dets exact, or estimated over --eval-passes passes with their standard "
+                f"error; auto: exact for data of at most {EXACT_MAX_DIMS} dimensions")
+    eval_passes: int = option(8, "residual, ffjord: passes over the test set when evaluation estimates log-dets")
+    kinetic_energy: float = option(0.0, "ffjord: RNODE's weight of the kinetic energy ∫|f|² dt in the loss (0: off)")
+    jacobian_norm: float = option(0.0, "ffjord: RNODE's weight of the Jacobian norm ∫|df/dz|² dt in the loss (0: off)")
+    adjoint: bool = option(False, "ffjord: gradients by the adjoint method (memory flat in the solver's steps)")
+    guidance: float = option(0.0, "tarflow, with --conditional: classifier-free guidance weight of samples.png")
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -132,7 +148,7 @@ def check_config(config: Config) -> None:
     for name in ("steps", "batch_size", "log_every", "num_samples"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} expected a positive integer, got {getattr(config, name)}")
-    for name in ("warmup", "ckpt_every", "eval_every", "clip"):
+    for name in ("warmup", "ckpt_every", "eval_every", "clip", "kinetic_energy", "jacobian_norm", "guidance"):
         if getattr(config, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} expected a number >= 0, got {getattr(config, name)}")
     for name in ("lr", "temperature") + (("epochs",) if config.epochs is not None else ()):
@@ -140,6 +156,13 @@ def check_config(config: Config) -> None:
             raise ValueError(f"--{name.replace('_', '-')} expected a positive number, got {getattr(config, name)}")
     if config.eval_only and not config.resume:
         raise ValueError("--eval-only expected a checkpoint to evaluate (--resume PATH), got none")
+    if config.eval_passes < 2:
+        raise ValueError(f"--eval-passes expected at least 2 (a standard error over passes), got {config.eval_passes}")
+    guided = "guidance" in inspect.signature(MODELS[config.model].sample).parameters
+    if config.guidance and not (guided and config.conditional):
+        raise ValueError(f"--guidance expected a class-conditional tarflow (--model tarflow --conditional: it "
+                         f"contrasts the class with the null context), got --model {config.model}"
+                         + " --conditional" * config.conditional)
 
 
 # Presets: --preset NAME applies these run settings (under flags given explicitly) and the
@@ -171,43 +194,14 @@ PER_INVOCATION = {"resume", "eval_only", "overwrite", "download", "out", "allow_
 # Flags
 
 
-def _flag_type(hint: Any) -> tuple[type, list[str] | None]:
-    """The argparse type (and choices) of a field's type hint."""
-    if typing.get_origin(hint) is Literal:
-        return str, list(typing.get_args(hint))
-    options = [a for a in typing.get_args(hint) if a is not type(None)]  # X | None -> X
-    return _flag_type(options[0]) if options else (hint, None)
-
-
-def _metavar(name: str, kind: type) -> str:
-    return {"resume": "PATH", "out": "DIR", "data_dir": "DIR"}.get(name) or {int: "N", float: "X"}.get(kind, "NAME")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per Config field, its help from the field; only flags given appear in the namespace."""
-    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in s.items()) for name, s in PRESETS.items())
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        argument_default=argparse.SUPPRESS, epilog=f"Run settings of the presets: {presets}.",
-    )
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
-        flag, text = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: {f.default})"
-        kind, choices = _flag_type(hints[f.name])
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            parser.add_argument(flag, type=kind, choices=choices, help=text,
-                                metavar=None if choices else _metavar(f.name, kind))
-    return parser
-
-
 def resolve_config(argv: list[str] | None) -> tuple[Config, dict[str, Any] | None]:
-    """Defaults, then the preset's run settings, then a resumed checkpoint's config, then the flags given.
+    """Defaults, then the preset's run settings, then a resumed checkpoint's config, then the flags given
+    (one flag per Config field, its help from the field: models/training/flags.py).
 
     Returns the checked config and the loaded checkpoint (``None`` without ``--resume``).
     """
-    given = vars(build_parser().parse_args(argv))
+    presets = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in s.items()) for name, s in PRESETS.items())
+    given = vars(build_parser(Config, __doc__, f"Run settings of the presets: {presets}.").parse_args(argv))
     if "steps" in given and "epochs" in given:
         raise ValueError(
             f"expected --steps or --epochs, got both (--steps {given['steps']} --epochs {given['epochs']})"
@@ -261,17 +255,16 @@ def source_of(config: Config) -> Path | None:
     return Path(config.resume).parent if config.resume else None
 
 
-def make_state(config: Config, model: torch.nn.Module, data: dict[str, Any]) -> TrainState:
+def make_state(config: Config, model: torch.nn.Module, data: dict[str, Any], monitors: list[Monitor]) -> TrainState:
     optimizer = build_optimizer(model, config.lr)
     scheduler = build_scheduler(optimizer, config.warmup, config.steps, config.schedule)
     scaler = make_scaler(config.amp, next(model.parameters()).device)
-    return TrainState(model, optimizer, scheduler, scaler, asdict(config), data=data)
+    return TrainState(model, optimizer, scheduler, scaler, asdict(config), data=data, monitors=monitors)
 
 
-def report(procs: Processes, text: str) -> None:
-    """User-facing output, from rank 0 only."""
-    if procs.is_main:
-        print(text, flush=True)
+def eval_logdets(config: Config, model: torch.nn.Module, data: DataSplit) -> str | None:
+    """How evaluation computes a free-form model's log-dets (exact for small D, else estimates); None: structured."""
+    return evaluation_logdet(model, math.prod(data.shape), config.eval_logdet)
 
 
 def describe(config: Config, model: torch.nn.Module, train: DataSplit, test: DataSplit, device: torch.device,
@@ -290,22 +283,20 @@ def finish(config: Config, model: torch.nn.Module, train: DataSplit, test: DataS
     """Final test evaluation and pictures (rank 0 writes them)."""
     result = evaluator()
     record = {"split": "test", "step": step, **result.as_dict()}
-    report(procs, f"test: {result}")
+    procs.report(f"test: {result}")
     if test.density is not None:
-        # Known density: test NLL minus the true entropy is the KL gap, KL(p || model) per dim
-        # (given the class, H(X | class) is the floor and the gap is the expected KL per class).
-        dims = math.prod(test.shape)
-        entropy, stderr = test.density.conditional_entropy() if config.conditional else test.density.entropy()
-        record.update(entropy_per_dim=entropy / dims, kl_gap_per_dim=result.nats_per_dim - entropy / dims)
-        what = "H(X | class)" if config.conditional else "entropy"
-        report(procs, f"true density: {entropy / dims:.4f} ± {stderr / dims:.4f} nats/dim ({what}), the best "
-                      f"a model can reach; KL gap {record['kl_gap_per_dim']:.4f} nats/dim")
+        values, text = kl_gap(result, test.density, math.prod(test.shape), config.conditional)
+        record.update(values)
+        procs.report(text)
     log.write(record)
     if procs.is_main:
+        # TarFlow: guided (given the class) and denoised samples.
+        options = {"guidance": config.guidance, "denoise": model.noise_std > 0} if hasattr(model, "denoise") else None
         written = save_run_pictures(model, run, train, test, conditional=config.conditional,
-                                    num_samples=config.num_samples, temperature=config.temperature, seed=config.seed)
-        report(procs, f"wrote {run.root}/: " + ", ".join(p.name for p in [run.config, run.metrics, run.checkpoint,
-                                                                          *written] if p.exists()))
+                                    num_samples=config.num_samples, temperature=config.temperature, seed=config.seed,
+                                    logdet_mode=eval_logdets(config, model, test), sample_options=options)
+        procs.report(f"wrote {run.root}/: " + ", ".join(p.name for p in [run.config, run.metrics, run.checkpoint,
+                                                                        *written] if p.exists()))
 
 
 def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device: torch.device) -> int:
@@ -318,6 +309,9 @@ def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device
     context_features = 0 if train_context is None else train_context.shape[1]
     model = build_model(config.model, config.preset, train.shape, num_levels=train.num_levels,
                         context_features=context_features).to(device)
+    set_logdet_mode(model, config.logdet_mode, config.model)  # training settings; raise before any file is written
+    configure_continuous(model, config.model, config.kinetic_energy, config.jacobian_norm, config.adjoint)
+    drift = use_invertible_backprop(model, config.model) if config.invertible_backprop else None
     fingerprint = data_fingerprint(train, test)
     if payload is not None:
         check_compatible(payload, model, config.resume)
@@ -326,13 +320,14 @@ def run(config: Config, payload: dict[str, Any] | None, procs: Processes, device
     run_dir = RunDir(Path(config.out))
     with claim_run_dir(run_dir, procs, source_of(config), config.overwrite):
         seed_everything(config.seed + procs.rank)  # noise and sampling differ between ranks
-        state = make_state(config, model, fingerprint)
+        state = make_state(config, model, fingerprint, monitors_for(model, drift))
         if payload is not None:
             restore(state, payload, procs)
             apply_schedule(state, config.lr)  # a new --lr, --warmup, --schedule or --steps applies from here
             state.last_checkpoint = (config.resume, state.step)
         evaluator = partial(evaluate, model, test.data, num_levels=test.num_levels, batch_size=4 * config.batch_size,
-                            procs=procs, seed=config.seed, context=context_of(config, test))
+                            procs=procs, seed=config.seed, context=context_of(config, test),
+                            logdet_mode=eval_logdets(config, model, test), passes=config.eval_passes)
         if config.eval_only:
             finish(config, model, train, test, run_dir, procs, MetricsLog(None), state.step, evaluator)
             return 0
@@ -346,15 +341,18 @@ def train_run(config: Config, payload: dict[str, Any] | None, state: TrainState,
     log = start_run_files(run_dir, asdict(config), source_of(config), state.step) if procs.is_main \
         else MetricsLog(None)
     if payload is not None:
-        changed = changed_settings(payload["config"], asdict(config), PER_INVOCATION)
+        changed = changed_settings(payload["config"], asdict(config), PER_INVOCATION, asdict(Config()))
         log.write({"split": "resume", "step": state.step, "changed": changed})
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        report(procs, f"resuming from step {state.step} of {config.steps} ({config.resume})"
-                      + (f"; changed: {what}" if what else ""))
+        procs.report(f"resuming from step {state.step} of {config.steps} ({config.resume})"
+                     + (f"; changed: {what}" if what else ""))
         if state.step >= config.steps:
-            report(procs, f"the checkpoint is at step {state.step} = --steps: nothing to train, evaluating it "
-                          f"(pass --steps above {state.step} to train on)")
-    report(procs, describe(config, model, train, test, device, procs))
+            procs.report(f"the checkpoint is at step {state.step} = --steps: nothing to train, evaluating it "
+                         f"(pass --steps above {state.step} to train on)")
+    procs.report(describe(config, model, train, test, device, procs))
+    note = loss_note(loss_kind(model), eval_logdets(config, model, test), config.eval_passes)
+    if note:
+        procs.report(note)
     loader = make_train_loader(train.data, config.batch_size, config.seed, procs, device.type == "cuda",
                                context_of(config, train))
     batches = train_batches(loader, state.step, device, next(model.parameters()).dtype, train.num_levels)
@@ -362,11 +360,12 @@ def train_run(config: Config, payload: dict[str, Any] | None, state: TrainState,
     net = prepare_model(model, first, procs, device, config.compile)
     settings = LoopSettings(steps=config.steps, log_every=config.log_every, ckpt_every=config.ckpt_every,
                             eval_every=config.eval_every, clip=config.clip, amp=config.amp,
-                            nonfinite=config.nonfinite)
-    outcome = fit(state, net, chain([first], batches), settings, procs, run_dir, evaluator)
+                            nonfinite=config.nonfinite, loss_kind=loss_kind(model))
+    batches = augmented(chain([first], batches), getattr(model, "augment", None))  # TarFlow's noise, after dequantizing
+    outcome = fit(state, net, batches, settings, procs, run_dir, evaluator, rnode_penalty(model))
     if outcome != "done":
-        report(procs, f"{outcome} at step {state.step}: checkpoint written to {run_dir.checkpoint}; continue "
-                      f"with: python train.py --resume {run_dir.checkpoint}")
+        procs.report(f"{outcome} at step {state.step}: checkpoint written to {run_dir.checkpoint}; continue "
+                     f"with: python train.py --resume {run_dir.checkpoint}")
         return EXIT_STATUS[outcome]
     finish(config, model, train, test, run_dir, procs, log, state.step, evaluator)
     return 0

@@ -3,7 +3,10 @@
 ``forward`` maps data to latent (the density direction); ``inverse`` maps back.
 """
 
-from flows import attention, derivatives, jacobian, lipschitz, maps, nets, spectral, splines, statistical, transformer
+from flows import (
+    attention, continuous, derivatives, jacobian, lipschitz, maps, nets, reversible, spectral, splines, statistical,
+    transformer,
+)
 
 # The contract
 from flows.base import Flow, Inverse, InverseFlow, InverseNotAvailable, Sequential
@@ -40,6 +43,10 @@ from flows.freeform import FreeFormFlow, logdet_is_exact, logdet_is_likelihood, 
 from flows.residual import ConvergenceError, Residual
 from flows.lipschitz import LipSwish, LipschitzConvNet, LipschitzMLP, LipschitzNet
 from flows.spectral import LipschitzConv2d, LipschitzLinear
+from flows.continuous import ConcatSquashNet, ContinuousFlow, SolverError
+
+# Memory-saving backpropagation: inputs rebuilt through inverses instead of stored
+from flows.reversible import DriftMonitor, InvertibleSequential, invertible_backprop
 
 # Densities (torch distributions) and interop with torch.distributions
 from flows.bases import DiagonalNormal, GaussianMixture, StandardNormal
@@ -63,9 +70,11 @@ __all__ = [
     "FixedPoint", "Patchify", "TransformerAutoregressive",
     "FreeFormFlow", "logdet_is_exact", "logdet_is_likelihood", "logdet_mode",
     "Residual", "ConvergenceError", "LipSwish", "LipschitzConvNet", "LipschitzMLP", "LipschitzNet",
-    "LipschitzConv2d", "LipschitzLinear",
+    "LipschitzConv2d", "LipschitzLinear", "ConcatSquashNet", "ContinuousFlow", "SolverError",
+    "DriftMonitor", "InvertibleSequential", "invertible_backprop",
     "DiagonalNormal", "FlowDistribution", "GaussianMixture", "StandardNormal",
     "FlowAsTransform", "TransformAsFlow",
     "check_flow", "exact_logdet", "EstimatorCheckError", "check_estimator", "check_gradient_estimator",
-    "attention", "derivatives", "jacobian", "lipschitz", "maps", "nets", "spectral", "splines", "statistical", "transformer",
+    "attention", "continuous", "derivatives", "jacobian", "lipschitz", "maps", "nets", "reversible", "spectral",
+    "splines", "statistical", "transformer",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 
+from .continuous import FFJORD
 from .density import DensityModel
 from .glow import Glow
 from .maf import MAF
@@ -24,7 +25,10 @@ from .realnvp import RealNVP
 from .residual import ResidualFlow
 from .tarflow import TarFlow
 
-__all__ = ["DensityModel", "NICE", "RealNVP", "Glow", "MAF", "NSF", "ResidualFlow", "TarFlow", "MODELS", "build_model"]
+__all__ = [
+    "DensityModel", "NICE", "RealNVP", "Glow", "MAF", "NSF", "ResidualFlow", "FFJORD", "TarFlow",
+    "MODELS", "build_model",
+]
 
 # Model name -> class. Each class has a ``PRESETS`` dict (preset name -> constructor
 # keyword arguments). Add a model with one line here.
@@ -35,6 +39,7 @@ MODELS: dict[str, type[DensityModel]] = {
     "maf": MAF,
     "nsf": NSF,
     "residual": ResidualFlow,
+    "ffjord": FFJORD,
     "tarflow": TarFlow,
 }
 

@@ -26,6 +26,7 @@ class Case:
     context: int = 0  # context features, 0 for none
     inputs: Callable[[int, tuple[int, ...]], torch.Tensor] | None = None  # (batch, shape) -> x; None: N(0.2, 1.5^2)
     perturb_std: float = 0.3  # std of the noise `perturb` adds to every parameter
+    tolerance: float | None = None  # the oracle's atol = rtol; None: check_flow's (1e-7 in float64)
 
     def sample_inputs(self, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(x, context)`` for a batch of ``batch``, in the default dtype."""
@@ -36,6 +37,13 @@ class Case:
 mlp = partial(MLP, hidden_features=8)
 conv = partial(GlowConvNet, hidden_features=6)
 prior = partial(GlowConvNet, hidden_features=4)
+continuous_net = partial(flows.ConcatSquashNet, hidden_features=4, num_blocks=0)
+# A continuous flow is exact only to its ODE solver's error. Measured over the registry's
+# continuous cases (perturbed, float64): the largest log-det / round-trip error is 2e-6 with
+# the solver at 1e-8 (22 evaluations per solve on average) and 2e-8 at 1e-10 (32); so they
+# run at 1e-8 and are checked at atol = rtol = 1e-6, as in tests/models/test_continuous_model.py.
+SOLVER = dict(atol=1e-8, rtol=1e-8)
+ODE_TOLERANCE = 1e-6
 
 
 def glow_step(channels: int) -> flows.Flow:
@@ -132,6 +140,11 @@ LAYERS: dict[str, Case] = {
     "residual-context-image": Case(
         lambda: flows.Residual(flows.LipschitzConvNet(2, 4, (2, 2), context_features=2)), (2, 2, 2), 2
     ),
+    # continuous (FFJORD's ODE, exact trace), exact to the solver's error
+    "continuous-vector": Case(lambda: flows.ContinuousFlow(3, continuous_net, **SOLVER), (3,), tolerance=ODE_TOLERANCE),
+    "continuous-context-vector": Case(
+        lambda: flows.ContinuousFlow(4, continuous_net, 2, **SOLVER), (4,), 2, tolerance=ODE_TOLERANCE
+    ),
     # transformer autoregressive (TarFlow)
     "patchify": Case(lambda: flows.Patchify((2, 4, 4), 2), (2, 4, 4)),
     "unpatchify": Case(lambda: flows.Inverse(flows.Patchify((2, 4, 4), 2)), (4, 8)),
@@ -160,12 +173,17 @@ SMALL: dict[str, dict] = {
     "nsf": dict(num_scales=1, num_steps=2, hidden_features=4, num_blocks=1, dropout=0.0),
     "residual": dict(num_scales=2, num_steps=1, hidden_features=4, num_blocks=0, logdet_mode="exact"),
     "tarflow": dict(patch_size=2, hidden_features=8, num_steps=2, num_blocks=1, num_heads=2),
+    # One block, exact trace, the solver at 1e-8 (its errors: see ODE_TOLERANCE).
+    "ffjord": dict(num_steps=1, hidden_features=4, num_blocks=0, time=0.5, logdet_mode="exact", **SOLVER),
 }
 # Vector presets: MLP / MADE conditioners wider than image ones (4 ReLU units are often all
 # off for a batch, and then a parameter legitimately gets no gradient).
 SMALL_VECTOR: dict[str, dict] = {name: {**sizes, "hidden_features": 8} for name, sizes in SMALL.items()}
 VECTOR_PRESETS = {"toy2d", "small", "power", "gas", "hepmass", "miniboone", "bsds300"}
 IMAGE_SHAPES = [((1, 4, 4), 17, 0), ((3, 4, 4), 256, 2)]
+# FFJORD flattens images into one ODE: its exact trace and the oracle's Jacobian through the
+# solver cost ~D^2, so 2x2 images take its image path (preprocessing, flatten and back).
+SMALL_IMAGE_SHAPES = {"ffjord": [((1, 2, 2), 17, 0), ((2, 2, 2), 256, 2)]}
 VECTOR_SHAPES = [((3,), 0), ((4,), 3)]  # D >= 3: `across_tails` leaves an entry inside
 
 
@@ -197,7 +215,7 @@ def _model_cases() -> dict[str, Case]:
             if preset in VECTOR_PRESETS:
                 shapes = [(shape, None, context) for shape, context in VECTOR_SHAPES]
             else:
-                shapes = IMAGE_SHAPES
+                shapes = SMALL_IMAGE_SHAPES.get(name, IMAGE_SHAPES)
             for extra in variants:
                 for shape, levels, context in shapes:
                     case_id = "-".join(
@@ -206,7 +224,8 @@ def _model_cases() -> dict[str, Case]:
                     make = partial(_model_transform, name, preset, shape, levels, context, extra)
                     # Spline models see both their interval and their identity tails.
                     inputs = levels_in(levels) if levels is not None else across_tails if name == "nsf" else None
-                    cases[case_id] = Case(make, shape, context, inputs, perturb_std=0.2)
+                    tolerance = ODE_TOLERANCE if name == "ffjord" else None
+                    cases[case_id] = Case(make, shape, context, inputs, perturb_std=0.2, tolerance=tolerance)
     return cases
 
 

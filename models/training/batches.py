@@ -6,7 +6,7 @@ convention; a batch is ``(x, context)`` with ``context`` the rows' context or ``
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..metrics import dequantize
 from .processes import Processes
 
-__all__ = ["check_finite", "Batch", "EpochBatches", "make_train_loader", "train_batches", "dequantize_levels"]
+__all__ = [
+    "check_finite", "Batch", "EpochBatches", "make_train_loader", "train_batches", "augmented", "dequantize_levels",
+]
 
 
 def check_finite(data: Tensor, what: str) -> None:
@@ -105,6 +107,23 @@ def train_batches(
                 context = context.to(device=device, dtype=dtype, non_blocking=True)
             yield (x if num_levels is None else dequantize_levels(x, num_levels)), context
         epoch, start = epoch + 1, 0
+
+
+def augmented(batches: Iterator[Batch], augment: Callable[[Tensor, Tensor | None], Batch] | None) -> Iterator[Batch]:
+    """``batches`` through a model's training augmentation ``augment(x, context) -> (x, context)``
+    (TarFlow's noise and context dropout), after dequantization; ``batches`` itself without one.
+
+    Example:
+        >>> batches = iter([(torch.zeros(2, 1), None)])
+        >>> next(augmented(batches, lambda x, context: (x + 1, context)))
+        (tensor([[1.],
+                [1.]]), None)
+    """
+    if augment is None:
+        yield from batches
+        return
+    for x, context in batches:
+        yield augment(x, context)
 
 
 def dequantize_levels(x: Tensor, num_levels: int, generator: torch.Generator | None = None) -> Tensor:

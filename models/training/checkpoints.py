@@ -78,6 +78,10 @@ def checkpoint_payload(state: TrainState, procs: Processes) -> dict[str, Any]:
     else:
         rng_by_rank = [rng]
     model = state.model
+    sums = state.sums.cpu() if state.sums is not None else None
+    loop = {"skipped": state.skipped, "sums": sums, "count": state.count}
+    if state.monitors:
+        loop["monitors"] = {m.name: m.state_dict() for m in state.monitors}
     return {
         "format": CHECKPOINT_FORMAT,
         "step": state.step,
@@ -88,8 +92,7 @@ def checkpoint_payload(state: TrainState, procs: Processes) -> dict[str, Any]:
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
         "config": state.config,
-        "loop": {"skipped": state.skipped, "sums": state.sums.cpu() if state.sums is not None else None,
-                 "count": state.count},
+        "loop": loop,
         "rng": rng_by_rank,
         "world_size": procs.world_size,
         "data": state.data,
@@ -202,5 +205,9 @@ def restore(state: TrainState, payload: dict[str, Any], procs: Processes) -> Non
     state.skipped, state.count = loop["skipped"], loop["count"]
     device = next(state.model.parameters()).device
     state.sums = None if loop["sums"] is None else loop["sums"].to(device)
+    saved = loop.get("monitors", {})
+    for monitor in state.monitors:  # a monitor the checkpoint lacks starts afresh
+        if monitor.name in saved:
+            monitor.load_state_dict(saved[monitor.name])
     rng = payload["rng"]
     _set_rng_states(rng[procs.rank % len(rng)])

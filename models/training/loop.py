@@ -34,7 +34,9 @@ from .state import RunDir, TrainState
 from .step import StepOutput, apply_update, train_step
 from .stopping import NonFiniteWatch, StopSignals
 
-__all__ = ["LoopSettings", "fit"]
+__all__ = ["LOSS_KINDS", "LoopSettings", "fit"]
+
+LOSS_KINDS = ("exact", "estimate", "gradient")
 
 
 @dataclass
@@ -49,6 +51,7 @@ class LoopSettings:
     amp: str = "none"  # autocast dtype: none, bf16, fp16
     nonfinite: str = "stop"  # on a non-finite loss: "stop" with an error, or "skip" the batch
     progress: bool = True  # show a tqdm bar (rank 0)
+    loss_kind: str = "exact"  # the loss is the NLL ("exact"), an unbiased "estimate" of it, or a "gradient" surrogate
 
 
 @dataclass
@@ -63,6 +66,7 @@ class _Loop:
     watch: NonFiniteWatch
     evaluator: Callable[[], EvalResult] | None
     bar: tqdm
+    penalty: Callable[[], Tensor | None] | None = None  # a term added to the loss for its gradient (RNODE's)
     clock: float = field(default_factory=time.perf_counter)  # start of the current timing interval
     clock_step: int = 0  # the step at ``clock``
     batch_size: int = 0  # samples per step over all processes
@@ -76,6 +80,7 @@ def fit(
     procs: Processes,
     run: RunDir,
     evaluator: Callable[[], EvalResult] | None = None,
+    penalty: Callable[[], Tensor | None] | None = None,
 ) -> str:
     """Trains ``state`` up to ``settings.steps``; returns ``"done"``, or after a checkpoint ``"interrupted"``
     (SIGINT) or ``"terminated"`` (SIGTERM).
@@ -84,7 +89,11 @@ def fit(
     and checkpoints every ``ckpt_every`` steps, at the end, and when SIGINT / SIGTERM
     arrives. A non-finite loss raises ``FloatingPointError`` naming the step and the last
     good checkpoint (left untouched), or with ``nonfinite="skip"`` skips the update.
+    ``penalty`` (see :func:`~models.training.step.train_step`) is added to every step's
+    loss; ``state.monitors`` add their values to each record.
     """
+    if settings.loss_kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind expected one of {', '.join(LOSS_KINDS)}, got {settings.loss_kind!r}")
     if settings.nonfinite not in ("stop", "skip"):
         raise ValueError(f"nonfinite expected 'stop' or 'skip', got {settings.nonfinite!r}")
     device = next(state.model.parameters()).device
@@ -95,7 +104,7 @@ def fit(
     bar = tqdm(total=settings.steps, initial=state.step, disable=not (procs.is_main and settings.progress),
                dynamic_ncols=True, unit="step")
     loop = _Loop(state, settings, procs, run, MetricsLog(run.metrics if procs.is_main else None),
-                 NonFiniteWatch(device), evaluator, bar, clock_step=state.step)
+                 NonFiniteWatch(device), evaluator, bar, penalty=penalty, clock_step=state.step)
     with StopSignals() as stop, bar:
         while state.step < settings.steps:
             x, context = next(batches)
@@ -122,7 +131,9 @@ def fit(
 def _one_step(loop: _Loop, net: nn.Module, x: Tensor, context: Tensor | None) -> None:
     """One step: gradients, the non-finite watch, the update (or a skip), the schedule."""
     state, settings = loop.state, loop.settings
-    out = train_step(net, x, state.optimizer, state.scaler, settings.amp, settings.clip, context)
+    out = train_step(net, x, state.optimizer, state.scaler, settings.amp, settings.clip, context, loop.penalty)
+    for monitor in state.monitors:
+        monitor.after_step(out)
     skip_mode = settings.nonfinite == "skip"
     loop.watch.observe(state.step, x, out, loss=not skip_mode)
     if skip_mode and not _finite_on_all_ranks(loop, x, out):
@@ -155,21 +166,40 @@ def _log(loop: _Loop) -> None:
     loop.watch.raise_if_seen(loop.procs, state.describe_last_checkpoint())
     sums = all_reduce(state.sums.clone(), loop.procs) / loop.procs.world_size
     loss, log_p, logdet, grad_norm = (sums / max(state.count, 1)).tolist()
-    bpd = bits_per_dim(loss, num_dims=1)  # the loss is already per dimension
     now = time.perf_counter()
     record = {
-        "split": "train", "step": state.step, "loss": loss, "bits_per_dim": bpd,
-        "log_p": log_p, "logdet": logdet, "grad_norm": grad_norm,
-        "lr": state.scheduler.get_last_lr()[0], "skipped": state.skipped,
+        "split": "train", "step": state.step, **_loss_values(loop.settings.loss_kind, loss, log_p, logdet),
+        "grad_norm": grad_norm, "lr": state.scheduler.get_last_lr()[0], "skipped": state.skipped,
         "images_per_sec": loop.batch_size * (state.step - loop.clock_step) / max(now - loop.clock, 1e-9),
     }
+    text = _loss_text(record) | {"lr": f"{record['lr']:.2e}"}
+    for monitor in state.monitors:
+        values = monitor.record(loop.procs)
+        record.update(values)
+        text.update(monitor.postfix(values))
     loop.log.write(record)
-    text = {"loss": f"{loss:.4f}", "bpd": f"{bpd:.4f}", "log_p": f"{log_p:.3f}", "logdet": f"{logdet:.3f}",
-            "lr": f"{record['lr']:.2e}"}
     loop.bar.set_postfix(text, refresh=False)
     state.sums.zero_()
     state.count = 0
     _restart_clock(loop)
+
+
+def _loss_values(kind: str, loss: float, log_p: float, logdet: float) -> dict[str, float | str]:
+    """The loss of a record: the NLL with bits/dim and its log-p / log-det split, labelled as an
+    estimate when it is one; a gradient-only surrogate as ``surrogate_loss`` alone."""
+    if kind == "gradient":  # its value is no likelihood: no bits/dim, no split
+        return {"surrogate_loss": loss, "logdet_mode": kind}
+    values = {"loss": loss, "bits_per_dim": bits_per_dim(loss, num_dims=1),  # the loss is already per dimension
+              "log_p": log_p, "logdet": logdet}
+    return values if kind == "exact" else values | {"logdet_mode": kind}
+
+
+def _loss_text(record: dict[str, float | str]) -> dict[str, str]:
+    if "surrogate_loss" in record:
+        return {"surrogate": f"{record['surrogate_loss']:.4f}"}
+    est = "~" if "logdet_mode" in record else ""  # ~: an estimate
+    return {"loss" + est: f"{record['loss']:.4f}", "bpd" + est: f"{record['bits_per_dim']:.4f}",
+            "log_p": f"{record['log_p']:.3f}", "logdet" + est: f"{record['logdet']:.3f}"}
 
 
 def _restart_clock(loop: _Loop) -> None:

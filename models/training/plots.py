@@ -5,6 +5,7 @@ no display needed. :func:`save_run_pictures` draws all of a run's."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+import flows
 
 from ..data.split import DataSplit, one_hot
 from .evaluation import evaluating
@@ -41,17 +44,19 @@ def _class_context(labels: Tensor, num_classes: int, like: Tensor) -> Tensor:
 
 @torch.no_grad()
 def _samples(model: nn.Module, n: int, temperature: float, seed: int, labels: Tensor | None = None,
-             num_classes: int | None = None) -> Tensor:
+             num_classes: int | None = None, options: dict[str, Any] | None = None) -> Tensor:
     """``n`` samples drawn without touching the global RNG stream; sample ``i`` of class
-    ``labels[i]`` when the model is class-conditional (then ``n == len(labels)``)."""
+    ``labels[i]`` when the model is class-conditional (then ``n == len(labels)``); ``options``:
+    more keyword arguments of the model's ``sample`` (TarFlow's guidance and denoising)."""
+    options = options or {}
     param = next(model.parameters())
     devices = [param.device] if param.device.type == "cuda" else []
     with evaluating(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         if labels is None:
-            x = model.sample(n, temperature=temperature)
+            x = model.sample(n, temperature=temperature, **options)
         else:  # one sample per context row
-            x = model.sample(context=_class_context(labels, num_classes, param), temperature=temperature)
+            x = model.sample(context=_class_context(labels, num_classes, param), temperature=temperature, **options)
     return x.float().cpu()
 
 
@@ -77,7 +82,7 @@ def _image_grid(x: Tensor, num_levels: int | None, pad: int = 1, cols: int | Non
 def save_samples(
     model: nn.Module, path: str | Path, n: int = 64, temperature: float = 1.0, seed: int = 0,
     data: Tensor | None = None, points: int = 2000, num_classes: int | None = None,
-    labels: Tensor | None = None,
+    labels: Tensor | None = None, options: dict[str, Any] | None = None,
 ) -> None:
     """A PNG of samples beside ``data``: for images a grid of ``data``'s first ``n`` images
     beside a grid of ``n`` samples; for vectors a scatter of ``points`` of each (the first
@@ -85,6 +90,7 @@ def save_samples(
 
     With ``num_classes`` (a class-conditional model) the classes take turns: a row of
     images per class (the data's rows too), or points colored by class (the data's by ``labels``).
+    ``options``: more keyword arguments of the model's ``sample``, named in the title.
     """
     images = len(model.in_shape) == 3
     per_class, sample_labels = None, None
@@ -94,8 +100,9 @@ def save_samples(
     elif num_classes:
         sample_labels = torch.arange(points) % num_classes
     count = len(sample_labels) if sample_labels is not None else (n if images else points)
-    x = _samples(model, count, temperature, seed, sample_labels, num_classes)
-    title = f"samples, T = {temperature}" + (", a row per class" if per_class else "")
+    x = _samples(model, count, temperature, seed, sample_labels, num_classes, options)
+    named = "".join(f", {k} {v}" for k, v in (options or {}).items() if v)
+    title = f"samples, T = {temperature}{named}" + (", a row per class" if per_class else "")
     if images:
         panels = [] if data is None else [("data", _data_images(data, labels, count, per_class, num_classes))]
         figure, axes = _figure(ncols=len(panels) + 1)
@@ -216,11 +223,19 @@ def save_class_densities(
 
 
 def save_loss_curve(records: list[dict[str, Any]], path: str | Path) -> None:
-    """A PNG of training bits/dim per step, with test bits/dim where evaluated."""
+    """A PNG of training bits/dim per step, with test bits/dim where evaluated.
+
+    Training records without bits/dim (a gradient-only surrogate loss, no likelihood) are
+    left out, and the title says so; estimated ones are labelled as estimates.
+    """
     figure, (ax,) = _figure(size=5.0)
-    train = [r for r in records if r["split"] == "train"]
+    train = [r for r in records if r["split"] == "train" and "bits_per_dim" in r]
     test = [r for r in records if r["split"] == "test"]
-    ax.plot([r["step"] for r in train], [r["bits_per_dim"] for r in train], label="train")
+    estimated = any(r.get("logdet_mode") == "estimate" for r in train)
+    ax.plot([r["step"] for r in train], [r["bits_per_dim"] for r in train],
+            label="train (estimate)" if estimated else "train")
+    if any(r["split"] == "train" and "surrogate_loss" in r for r in records):
+        ax.set_title("training loss: a gradient surrogate, no likelihood (not drawn)")
     if test:
         ax.plot([r["step"] for r in test], [r["bits_per_dim"] for r in test], "o-", label="test")
     ax.set_xlabel("step")
@@ -230,14 +245,23 @@ def save_loss_curve(records: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def save_run_pictures(model: nn.Module, run: RunDir, train: DataSplit, test: DataSplit, *, conditional: bool,
-                      num_samples: int, temperature: float, seed: int) -> list[Path]:
+                      num_samples: int, temperature: float, seed: int, logdet_mode: str | None = None,
+                      sample_options: dict[str, Any] | None = None) -> list[Path]:
     """A run's pictures: samples beside the data, the learned density of 2D data, the loss curve.
 
+    ``logdet_mode``: the mode of a free-form model's layers for the learned density (as
+    for evaluation; ``None``: the model as it is). ``sample_options``: see :func:`save_samples`.
     Returns the paths written.
     """
+    with contextlib.nullcontext() if logdet_mode is None else flows.logdet_mode(model, logdet_mode):
+        return _run_pictures(model, run, train, test, conditional, num_samples, temperature, seed, sample_options)
+
+
+def _run_pictures(model: nn.Module, run: RunDir, train: DataSplit, test: DataSplit, conditional: bool,
+                  num_samples: int, temperature: float, seed: int, options: dict[str, Any] | None) -> list[Path]:
     classes = train.num_classes if conditional else None
     save_samples(model, run.samples, num_samples, temperature, seed, train.data, num_classes=classes,
-                 labels=train.labels)
+                 labels=train.labels, options=options)
     written = [run.samples]
     if train.kind == "toy2d" and classes:
         save_class_densities(model, run.density, train.data, classes, test.density.log_prob_given)

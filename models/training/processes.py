@@ -35,6 +35,11 @@ class Processes:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    def report(self, text: str) -> None:
+        """User-facing output: printed by rank 0 only."""
+        if self.is_main:
+            print(text, flush=True)
+
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> CUDA when available else CPU; ``"cuda"`` -> this process's GPU."""

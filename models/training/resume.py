@@ -79,13 +79,17 @@ def check_resume(payload: dict[str, Any], path: str | Path, *, fingerprint: dict
         )
 
 
-def changed_settings(saved: dict[str, Any], now: dict[str, Any], ignore: set[str]) -> dict[str, list[Any]]:
+def changed_settings(saved: dict[str, Any], now: dict[str, Any], ignore: set[str],
+                     defaults: dict[str, Any] | None = None) -> dict[str, list[Any]]:
     """``{name: [checkpoint's value, value now]}`` for every setting that differs, ``ignore`` aside.
 
+    A setting the checkpoint lacks (one added to train.py since) had its value in ``defaults``.
+
     Example:
-        >>> changed_settings({"lr": 0.001, "out": "a"}, {"lr": 0.0005, "out": "b"}, {"out"})
+        >>> changed_settings({"lr": 0.001, "out": "a"}, {"lr": 0.0005, "out": "b", "new": 0}, {"out"}, {"new": 0})
         {'lr': [0.001, 0.0005]}
     """
+    saved = {**(defaults or {}), **saved}
     return {k: [saved.get(k), v] for k, v in now.items() if k not in ignore and saved.get(k) != v}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ class TrainState:
     count: int = 0  # steps in ``sums``
     last_checkpoint: tuple[str, int] | None = None  # (path, step) of the last good checkpoint
     data: dict[str, Any] | None = None  # the fingerprint of the data set (a resumed run must have the same)
+    monitors: list[Any] = field(default_factory=list)  # what the log records besides the loss (monitors.Monitor)
 
     def describe_last_checkpoint(self) -> str:
         if self.last_checkpoint is None:

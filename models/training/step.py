@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,7 @@ class StepOutput:
     log_p: Tensor
     logdet: Tensor
     grad_norm: Tensor
+    penalty: Tensor | None = None  # a term added to the loss for the gradient only (RNODE's), if any
 
     def stacked(self) -> Tensor:
         return torch.stack([self.loss, self.log_p, self.logdet, self.grad_norm.to(self.loss.dtype)])
@@ -87,14 +89,16 @@ def train_step(
     amp: str = "none",
     clip: float = 0.0,
     context: Tensor | None = None,
+    penalty: Callable[[], Tensor | None] | None = None,
 ) -> StepOutput:
     """Forward and backward of one batch (with its ``context``, if the model takes one); the
     gradients are left for :func:`apply_update`.
 
     The loss is ``-(log p_base(z) + logdet)`` per dimension, averaged over the batch, with
     both terms summed in float32 (or the model's wider dtype) whatever the autocast dtype.
-    Gradients are unscaled and clipped to norm ``clip`` (0: not clipped, norm still reported).
-    No host sync.
+    ``penalty``, called after the forward pass, gives a term that is differentiated with the
+    loss but not reported in it (``None``: none). Gradients are unscaled and clipped to norm
+    ``clip`` (0: not clipped, norm still reported). No host sync.
     """
     optimizer.zero_grad(set_to_none=True)
     with autocast(amp, x.device):
@@ -103,11 +107,13 @@ def train_step(
     dims = x[0].numel()
     log_p, logdet = log_p.to(wide).mean() / dims, logdet.to(wide).mean() / dims
     loss = -(log_p + logdet)
-    scaler.scale(loss).backward()
+    extra = penalty() if penalty is not None else None
+    scaler.scale(loss if extra is None else loss + extra.to(wide)).backward()
     scaler.unscale_(optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-    return StepOutput(loss.detach(), log_p.detach(), logdet.detach(), grad_norm.detach())
+    return StepOutput(loss.detach(), log_p.detach(), logdet.detach(), grad_norm.detach(),
+                      None if extra is None else extra.detach())
 
 
 def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:

@@ -62,10 +62,11 @@ def vector_data(n: int = 64) -> torch.Tensor:
 
 
 def start(model, data, steps, run_dir, procs=Processes(), num_levels=None, start_from=None, evaluator=None,
-          context=None, **settings):
+          context=None, monitors=(), penalty=None, **settings):
     """Builds the state and runs fit; with ``start_from`` a checkpoint path, resumes from it."""
     state = TrainState(
-        model, training.build_optimizer(model, 1e-2), None, training.make_scaler("none", torch.device("cpu")), {}
+        model, training.build_optimizer(model, 1e-2), None, training.make_scaler("none", torch.device("cpu")), {},
+        monitors=list(monitors),
     )
     state.scheduler = training.build_scheduler(state.optimizer, warmup=3, total=steps)
     if start_from is not None:
@@ -76,7 +77,7 @@ def start(model, data, steps, run_dir, procs=Processes(), num_levels=None, start
     net = training.prepare_model(model, first, procs, torch.device("cpu"))
     options = dict(log_every=2, ckpt_every=4, progress=False) | settings
     outcome = training.fit(state, net, chain([first], batches), LoopSettings(steps, **options), procs, RunDir(run_dir),
-                           evaluator)
+                           evaluator, penalty)
     return state, outcome
 
 

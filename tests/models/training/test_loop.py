@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from models import training
+from models.training import loop
 
 from .standins import NaNAt, StandIn, params, start, vector_data
 
@@ -116,3 +118,72 @@ def test_ddp_two_processes_agree_and_only_rank_0_writes(tmp_path: Path) -> None:
         assert torch.equal(a, b)
     assert (tmp_path / "run0" / "checkpoint.pt").exists() and not (tmp_path / "run1").exists()
     assert [r["step"] for r in training.read_metrics(tmp_path / "run0" / "metrics.jsonl")] == [2, 4]
+
+
+@pytest.mark.parametrize("kind", ["estimate", "gradient"])
+def test_records_say_what_the_loss_is(tmp_path: Path, kind: str) -> None:
+    start(StandIn(), vector_data(), 4, tmp_path, loss_kind=kind)
+    records = [r for r in training.read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert len(records) == 2 and all(r["logdet_mode"] == kind for r in records)
+    if kind == "gradient":  # a surrogate: never bits/dim, never a log-p / log-det split
+        assert all("surrogate_loss" in r and not {"loss", "bits_per_dim", "log_p", "logdet"} & set(r) for r in records)
+        assert list(loop._loss_text(records[0])) == ["surrogate"]
+    else:
+        assert all(r["bits_per_dim"] == pytest.approx(r["loss"] / math.log(2)) for r in records)
+        assert list(loop._loss_text(records[0])) == ["loss~", "bpd~", "log_p", "logdet~"]
+
+
+def test_an_unknown_loss_kind_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"loss_kind expected one of exact, estimate, gradient, got 'surrogate'"):
+        start(StandIn(), vector_data(), 2, tmp_path, loss_kind="surrogate")
+
+
+class Steps(training.Monitor):
+    """Counts steps and the penalties it saw, by interval."""
+
+    name = "steps"
+
+    def __init__(self) -> None:
+        self.count, self.penalties = 0, 0.0
+
+    def after_step(self, out) -> None:
+        self.count += 1
+        self.penalties += float(out.penalty)
+
+    def record(self, procs) -> dict[str, float]:
+        values = {"steps_seen": self.count, "penalties": self.penalties}
+        self.count, self.penalties = 0, 0.0
+        return values
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "penalties": self.penalties}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.penalties = state["count"], state["penalties"]
+
+
+def test_monitors_are_recorded_and_resume_mid_interval(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, options = vector_data(), dict(log_every=3, ckpt_every=0, penalty=lambda: torch.tensor(0.5))
+
+    def records(run: str) -> list[tuple]:
+        rows = training.read_metrics(tmp_path / run / "metrics.jsonl")
+        return [(r["step"], r["steps_seen"], r["penalties"]) for r in rows if r["split"] == "train"]
+
+    torch.manual_seed(1)
+    start(StandIn(), data, 8, tmp_path / "a", monitors=[Steps()], **options)
+    assert records("a") == [(3, 3, 1.5), (6, 3, 1.5), (8, 2, 1.0)]
+    step, calls = loop.train_step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop checkpoints after step 4, one step into an interval
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", interrupted_step)
+    torch.manual_seed(1)
+    _, outcome = start(StandIn(), data, 8, tmp_path / "b", monitors=[Steps()], **options)
+    monkeypatch.setattr(loop, "train_step", step)
+    start(StandIn(), data, 8, tmp_path / "b", monitors=[Steps()], start_from=tmp_path / "b" / "checkpoint.pt",
+          **options)
+    assert outcome == "interrupted" and records("b") == records("a")

@@ -77,3 +77,25 @@ def test_scatter_plots_label_their_axes_and_show_the_data(monkeypatch: pytest.Mo
     assert [len(ax.collections[0].get_offsets()) for ax in scatter.axes] == [40, 40]
     assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in histogram.axes] == [("x1", "density")] * 2
     assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in density.axes] == [("x1", "x2")] * 2
+
+
+def test_the_loss_curve_never_draws_a_surrogate_as_bits_per_dim(monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = captured(monkeypatch)
+    records = [{"split": "train", "step": 1, "surrogate_loss": -40.0, "logdet_mode": "gradient"},
+               {"split": "test", "step": 1, "bits_per_dim": 2.1}]
+    training.save_loss_curve(records, "l.png")
+    (ax,) = figures[0].axes
+    assert "gradient surrogate" in ax.get_title() and [len(line.get_xdata()) for line in ax.lines] == [0, 1]
+    training.save_loss_curve([{"split": "train", "step": 1, "bits_per_dim": 2.0, "logdet_mode": "estimate"}], "l.png")
+    assert [t.get_text() for t in figures[1].axes[0].get_legend().get_texts()] == ["train (estimate)"]
+
+
+def test_sample_options_reach_the_model_and_the_title(monkeypatch: pytest.MonkeyPatch) -> None:
+    figures, calls = captured(monkeypatch), []
+    model = StandIn((1, 4, 4), 17, context_features=2)
+    sample = model.sample
+    monkeypatch.setattr(model, "sample", lambda *args, guidance, denoise, **kwargs: (
+        calls.append((guidance, denoise)), sample(*args, **kwargs))[1])
+    training.save_samples(model, "s.png", n=4, num_classes=2, options={"guidance": 2.0, "denoise": False})
+    assert calls == [(2.0, False)]
+    assert figures[0].axes[0].get_title() == "samples, T = 1.0, guidance 2.0, a row per class"
