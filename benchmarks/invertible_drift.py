@@ -1,7 +1,7 @@
 """Reconstruction drift of memory-saving backpropagation over depth, float32 and bf16.
 
 Glow on 3x32x32 (3 levels, hidden 128, batch 32) trained for ``--train-steps`` Adam steps
-(lr 1e-3) on synthetic smooth images (4x4 noise upsampled, in levels [0, 256)), so that it
+(lr warmed up linearly to 1e-3) on synthetic smooth images (4x4 noise upsampled, in levels [0, 256)), so that it
 is no longer the near-identity of its initialization. For K steps per level, one backward pass
 with ``flows.invertible_backprop`` and a ``DriftMonitor``, against ordinary
 backpropagation in the same precision:
@@ -11,7 +11,7 @@ backpropagation in the same precision:
 - grad error: ``|g_saving - g_ordinary| / |g_ordinary|`` over all parameters (2-norms);
 - for bf16 autocast, the same error of ordinary bf16 against float32, for scale.
 
-    python benchmarks/invertible_drift.py [--depths 8 16 32 64] [--train-steps 30] [--max-run-length N]
+    python benchmarks/invertible_drift.py [--depths 8 16 32 64] [--train-steps 30] [--max-run-length 32]
 """
 
 from __future__ import annotations
@@ -52,6 +52,8 @@ def trained_glow(depth: int, steps: int) -> tuple[Glow, torch.Tensor]:
         model.log_prob(data[:32])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(steps):
+        for group in optimizer.param_groups:  # Glow's linear warm-up (here over all the steps)
+            group["lr"] = 1e-3 * (step + 1) / steps
         optimizer.zero_grad(set_to_none=True)
         (-model.log_prob(data[32 * (step + 1) : 32 * (step + 2)]).mean()).backward()
         optimizer.step()
@@ -66,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--train-steps", type=int, default=30)
-    parser.add_argument("--max-run-length", type=int, default=None, help="invertible_backprop's max_run_length")
+    parser.add_argument("--max-run-length", type=int, default=32, help="invertible_backprop's max_run_length (0: none)")
     args = parser.parse_args()
     print(f"Glow (3, 32, 32), 3 levels, hidden 128, batch 32, trained {args.train_steps} steps, "
           f"max_run_length={args.max_run_length}; {machine()}")
@@ -78,7 +80,9 @@ def main() -> None:
         reference = gradient(model, x, amp=False)
         for amp in (False, True):
             monitor = DriftMonitor()
-            saving = invertible_backprop(copy.deepcopy(model), monitor=monitor, max_run_length=args.max_run_length)
+            saving = invertible_backprop(
+                copy.deepcopy(model), monitor=monitor, max_run_length=args.max_run_length or None
+            )
             ordinary = gradient(model, x, amp) if amp else reference
             error = relative(gradient(saving, x, amp), ordinary)
             row += [f"{monitor.read():11.2e}", f"{error:14.2e}"]
