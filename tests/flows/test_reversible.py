@@ -22,7 +22,9 @@ from flows.reversible import DriftMonitor, InvertibleSequential, _steps, inverse
 from flows.nets import MLP, GlowConvNet
 from tests.registry import CASES, Case, perturb
 
-IDS = sorted(CASES)
+# Every layer of the registry, and the models the issue names (Glow and RealNVP, every
+# preset): the other models' presets add time to the suite, not coverage of this code.
+IDS = sorted(n for n in CASES if not n.startswith("model-") or n.split("-")[1] in ("glow", "realnvp"))
 RTOL = 1e-10  # float64: the rebuilt inputs differ from the true ones by round-off only
 
 
