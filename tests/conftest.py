@@ -29,6 +29,17 @@ def _seed_and_dtype():
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors, restored afterwards: on a loaded 2-core
+    machine a parallel region waits for a busy core (a 2x3x3 conv took 30 ms with 2 threads,
+    5 us with 1). Use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def device(request: pytest.FixtureRequest) -> torch.device:
     name = request.config.getoption("--device")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -11,14 +11,7 @@ from flows.lipschitz import LipschitzMLP
 from flows.spectral import LipschitzConv2d, LipschitzLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these tiny tensors, restored after each test: on a loaded 2-core
-    machine a parallel region waits for a busy core (a 2x3x3 conv took 30 ms with 2 threads, 5 us with 1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv_operator_norm(conv: LipschitzConv2d, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

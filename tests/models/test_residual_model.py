@@ -14,14 +14,7 @@ from models.residual import ResidualFlow
 from tests.registry import perturb
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these tiny tensors, restored after each test: on a loaded 2-core
-    machine a parallel region waits for a busy core (a 2x3x3 conv took 30 ms with 2 threads, 5 us with 1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(num_scales=2, num_steps=2, hidden_features=8, num_blocks=0)
 SHAPES = [((3,), None, 0), ((4,), None, 3), ((1, 4, 4), 17, 0), ((3, 4, 4), 256, 2)]
