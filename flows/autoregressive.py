@@ -72,11 +72,13 @@ class MaskedResidualBlock(nn.Module):
         self.first = MaskedLinear(mask, context_features)
         self.second = MaskedLinear(mask, context_features)
         self.activation = activation()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else None  # none at all: sampling runs a block D times
 
     def forward(self, h: Tensor, context: Tensor | None) -> Tensor:
-        residual = self.first(self.activation(h), context)
-        return h + self.second(self.dropout(self.activation(residual)), context)
+        residual = self.activation(self.first(self.activation(h), context))
+        if self.dropout is not None:
+            residual = self.dropout(residual)
+        return h + self.second(residual, context)
 
 
 class MaskedFeedforwardBlock(nn.Module):
@@ -88,10 +90,13 @@ class MaskedFeedforwardBlock(nn.Module):
         super().__init__()
         self.linear = MaskedLinear(mask, context_features)
         self.activation = activation()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout else None
 
     def forward(self, h: Tensor, context: Tensor | None) -> Tensor:
-        return self.linear(self.dropout(self.activation(h)), context)
+        h = self.activation(h)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        return self.linear(h, context)
 
 
 class MADE(nn.Module):

@@ -114,7 +114,8 @@ class AffineMap(ElementwiseMap):
 
     def inverse(self, y: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
         shift, log_scale = self.shift_and_log_scale(params)
-        return (y - shift) * torch.exp(-log_scale), -log_scale
+        inverse_log_scale = -log_scale  # one negation for both: sampling runs this D times per layer
+        return (y - shift) * inverse_log_scale.exp(), inverse_log_scale
 
     def extra_repr(self) -> str:
         return f"scale={self.scale!r}" + (f", clamp={self.clamp}" if self.scale == "exp" else "")
