@@ -190,6 +190,8 @@ class ContinuousFlow(FreeFormFlow):
         (torch.Size([4, 2]), torch.Size([4]), True)
     """
 
+    iterative_inverse = True  # an ODE solve, exact only to the solver's tolerance
+
     supported_modes = ("exact", "estimate")
 
     def __init__(

@@ -80,6 +80,13 @@ def test_exact_mode_passes_the_oracle() -> None:
     assert report["logdet"] < 1e-6 and report["round_trip"] < 1e-6
 
 
+def test_declares_its_inverse_iterative() -> None:
+    # An ODE solve inverts only to the solver's tolerance: memory-saving backpropagation
+    # (which rebuilds inputs through inverse) and Sequential must see it.
+    flow = small_flow()
+    assert flow.iterative_inverse and Sequential(flow).iterative_inverse
+
+
 def test_linear_dynamics_match_the_closed_form() -> None:
     """``f(z) = A z`` gives ``z(T) = expm(T A) x`` and ``log|det| = T tr(A)``, in both directions."""
     matrix = torch.tensor([[0.3, -0.5], [0.8, -0.1]])
