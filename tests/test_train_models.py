@@ -8,6 +8,8 @@ import functools
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy
@@ -20,6 +22,7 @@ from models.tarflow import TarFlow
 from models.training import loop
 from models.training.checkpoints import load_checkpoint
 from models.training.metrics_log import read_metrics
+from tests.conftest import ROOT
 
 FAST = ["--device", "cpu", "--log-every", "2", "--num-samples", "4", "--batch-size", "16", "--warmup", "2"]
 TINY = {
@@ -134,6 +137,55 @@ def test_tarflow_augments_training_batches_and_guides_its_samples(tmp_path: Path
     assert augmented == [(torch.Size([16, 1, 8, 8]), True)] * (4 + 3 + 1)
     assert sampled == [(2.0, True)] * 2  # samples.png of the two runs that finished
     assert (out / "samples.png").stat().st_size > 1000
+
+
+# bf16, compile and several processes, as for the other models
+
+NEW_MODELS = ("residual", "ffjord", "tarflow")
+
+
+def data_flags(name: str, tmp: Path) -> list[str]:
+    """TarFlow on the digits (images), the free-form models on a file of vectors."""
+    return [] if name == "tarflow" else ["--dataset", points(tmp)]
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_the_new_models_train_under_bf16_autocast(tmp_path: Path, name: str) -> None:
+    assert run(tmp_path, "--model", name, "--steps", "2", "--amp", "bf16", *data_flags(name, tmp_path)) == 0
+    (record,) = train_records(tmp_path)
+    assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
+    assert math.isfinite(read_metrics(tmp_path / "metrics.jsonl")[-1]["bits_per_dim"])  # evaluated in float32
+
+
+def test_tarflow_trains_compiled(tmp_path: Path) -> None:
+    assert run(tmp_path, "--model", "tarflow", "--steps", "2", "--compile") == 0
+    assert math.isfinite(train_records(tmp_path)[0]["loss"])
+
+
+TORCHRUN_SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import train
+from models import MODELS
+for name, sizes in {tiny!r}.items():
+    MODELS[name].PRESETS["tiny"] = sizes
+name, out, *data = sys.argv[1:]
+sys.exit(train.main({fast!r} + ["--preset", "tiny", "--model", name, "--steps", "4", "--out", out, *data]))
+"""
+
+
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_the_new_models_train_under_torchrun_with_two_processes(tmp_path: Path, name: str) -> None:
+    script = tmp_path / "tiny_train.py"  # train.py with the tiny presets of this file
+    script.write_text(TORCHRUN_SCRIPT.format(root=str(ROOT), tiny=TINY, fast=FAST))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               name, str(tmp_path / "run"), *data_flags(name, tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "x 2 processes" in result.stdout and result.stdout.count("test: ") == 1  # rank 0 alone prints
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("train", 4), ("test", 4)]
+    assert all(math.isfinite(r["bits_per_dim"]) for r in records if "bits_per_dim" in r)
 
 
 @pytest.mark.parametrize("name", ["realnvp", "glow"])
