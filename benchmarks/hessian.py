@@ -64,8 +64,8 @@ def main() -> None:
     rounds = parser.parse_args().rounds
     dist = flow_distribution()
     x = torch.randn(BATCH, D)
-    fast, slow = hessian(dist, x), tutorial_loop(dist, x).detach()
-    error = float((fast - slow).abs().max() / slow.abs().max().detach())
+    fast, slow = hessian(dist, x).detach(), tutorial_loop(dist, x).detach()
+    error = float((fast - slow).abs().max() / slow.abs().max())
     times: dict[str, list[float]] = {"hessian": [], "loop": []}
     for _ in range(rounds):
         for name, fn in (("hessian", lambda: hessian(dist, x)), ("loop", lambda: tutorial_loop(dist, x))):

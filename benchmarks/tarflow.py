@@ -1,8 +1,9 @@
 """TarFlow on the 8x8 digits: a training run, class-conditional samples with and without
 guidance, and sampling speed (sequential with a key/value cache against fixed-point samplers).
 
-train.py is not wired to TarFlow's recipe yet, so the run here is a small loop of its own
-with the digits budget of the other models (Adam 1e-3, 200 warm-up steps, cosine decay to 0,
+train.py trains TarFlow too (``python train.py --model tarflow``); this script keeps a small
+loop of its own, for the samples at several guidance weights in one run, with the digits
+budget of the other models (Adam 1e-3, 200 warm-up steps, cosine decay to 0,
 batch 128, gradient norm clipped at 100) and models.training's evaluation (test bits/dim of
 uniformly dequantized data, the figure every model reports)::
 
