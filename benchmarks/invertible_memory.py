@@ -28,7 +28,6 @@ and the ratio of the two fastest steps (the least disturbed by other processes).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import pathlib
 import resource
