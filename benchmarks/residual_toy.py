@@ -12,7 +12,8 @@ changed; train.py's fit loop will replace it.
 
 Measured (2026-12-02, the shared 2-core CPU at load ~8, one thread, preset toy2d: 10 blocks
 of 64-64 units, exact log-det): checkerboard 0.181 +- 0.002 nats/dim after 3000 steps in
-340 s; 8 Gaussians 0.015 +- 0.005 in 297 s. A peer's residual flow (8 blocks of 128) reached
+340 s; 8 Gaussians 0.015 +- 0.005 in 297 s. On the quiet machine later that day: 0.182 +- 0.002
+in 181 s and 0.015 +- 0.005 in 183 s (0.06 s/step). A peer's residual flow (8 blocks of 128) reached
 0.26 and 0.09 nats/dim in 3000 steps at 0.12 s/step (360 s) on this machine.
 """
 
