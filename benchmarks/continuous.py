@@ -24,7 +24,8 @@ load ~9 then ~5): checkerboard 507 steps at 0.451 s/step, NFE 50 (68), 0.241 ± 
 8 Gaussians 568 steps at 0.389 s/step, NFE 62, 0.036 ± 0.010 (0.018/dim).
 On the quiet machine (later the same day, one thread): checkerboard 721 steps at 0.308
 s/step, NFE 56 (74 at the end), 0.199 ± 0.005 (0.100/dim); 8 Gaussians 612 steps at 0.372
-s/step, NFE 68, 0.073 ± 0.011; with RNODE 664 steps at 0.327 s/step, NFE 62, 0.039 ± 0.009.
+s/step, NFE 68, 0.073 ± 0.011; with RNODE: checkerboard 775 steps at 0.286 s/step, NFE 62,
+0.203 ± 0.005; 8 Gaussians 664 steps at 0.327 s/step, NFE 62, 0.039 ± 0.009.
 
 The training loop is written here (not train.py) and is plain: sample a batch, loss
 ``-mean log p + mean(RNODE term)``, backward, Adam step; the NFE counts are Python ints,
