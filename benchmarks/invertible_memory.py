@@ -19,7 +19,9 @@ Budget: the deepest K whose whole process (peak RSS, or on CUDA the peak allocat
 
 Time: one process, both models with the same weights, steps interleaved (the order
 swapped every round): the median of the per-round ratios over ``--rounds`` with min-max,
-and the ratio of the two fastest steps (the least disturbed by other processes).
+and the ratio of the two fastest steps (the least disturbed by other processes); and the
+ordinary loss's forward pass over the ordinary step ("forward share"), since rebuilding
+re-runs every forward pass, the floor of the ratio is 1 + that share.
 
     python benchmarks/invertible_memory.py [--depths 4 8 16 32] [--time-depths 8 32] [--rounds 7]
         [--budget-gb 2] [--verify] [--device cpu] [--threads N]

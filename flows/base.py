@@ -9,7 +9,7 @@ of the map that method computes, so ``forward`` then ``inverse`` sums to zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +83,15 @@ def accumulate(total: Tensor, logdet: Tensor) -> Tensor:
     layers written elsewhere.
     """
     return total + logdet.to(total.dtype)
+
+
+def compose(flows: Iterable[Flow], x: Tensor, context: Tensor | None, inverted: bool) -> tuple[Tensor, Tensor]:
+    """``flows`` applied in the order given (their ``inverse`` if ``inverted``), logdets summed."""
+    total = zero_logdet(x)
+    for flow in flows:
+        x, logdet = flow.inverse(x, context) if inverted else flow(x, context)
+        total = accumulate(total, logdet)
+    return x, total
 
 
 class Flow(nn.Module):
@@ -160,18 +169,10 @@ class Sequential(Flow):
         return self.flows[index]
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = zero_logdet(x)
-        for flow in self.flows:
-            x, logdet = flow(x, context)
-            total = accumulate(total, logdet)
-        return x, total
+        return compose(self.flows, x, context, inverted=False)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        total = zero_logdet(y)
-        for flow in reversed(self.flows):
-            y, logdet = flow.inverse(y, context)
-            total = accumulate(total, logdet)
-        return y, total
+        return compose(reversed(self.flows), y, context, inverted=True)
 
 
 class InverseFlow(Flow):

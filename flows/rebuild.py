@@ -1,6 +1,6 @@
 """The autograd machinery of memory-saving backpropagation (used by flows/reversible.py).
 
-A run of steps is one autograd node (:class:`_RebuildFunction`): its forward keeps only
+A run of steps is one autograd node (:class:`RebuildFunction`): its forward keeps only
 the run's output; its backward rebuilds each step's input through ``inverse``, re-runs the
 step with gradients (replaying its random numbers) and backpropagates through it.
 :class:`DriftMonitor` records how far rebuilt inputs drift from the originals.
@@ -19,7 +19,7 @@ from flows.base import Flow, accumulate, sum_per_sample, zero_logdet
 from flows.coupling import Coupling
 from flows.normalization import ActNorm
 
-__all__ = ["DriftMonitor"]
+__all__ = ["Chain", "DriftMonitor", "RebuildFunction"]  # the last two serve flows/reversible.py
 
 
 class DriftMonitor:
@@ -66,17 +66,6 @@ class DriftMonitor:
         self._max = None
 
 
-
-
-def _apply_steps(steps: list[Flow], x: Tensor, context: Tensor | None, inverted: bool) -> tuple[Tensor, Tensor]:
-    """The ordinary composition (activations stored as usual)."""
-    total = zero_logdet(x)
-    for step in steps:
-        x, logdet = step.inverse(x, context) if inverted else step(x, context)
-        total = accumulate(total, logdet)
-    return x, total
-
-
 # The autograd node of a run of steps
 
 
@@ -119,7 +108,7 @@ def _rng_replay(record: _StepRecord) -> Iterator:
 
 
 @dataclass
-class _Chain:
+class Chain:
     """A run of steps in the direction it is trained, its trainable parameters, and the
     records its forward pass leaves for the backward pass."""
 
@@ -136,7 +125,7 @@ class _Chain:
     @staticmethod
     def build(
         steps: list[Flow], inverted: bool, preserve_rng_state: bool, monitor: DriftMonitor | None
-    ) -> _Chain:
+    ) -> Chain:
         index: dict[int, int] = {}
         params: list[Tensor] = []
         step_params: list[list[int]] = []
@@ -152,7 +141,7 @@ class _Chain:
                             params.append(p)
                         mine.append(index[id(p)])
             step_params.append(mine)
-        return _Chain(steps, params, step_params, waiting, inverted, preserve_rng_state, monitor)
+        return Chain(steps, params, step_params, waiting, inverted, preserve_rng_state, monitor)
 
     def run_forward(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """The steps without recording for autograd, noting what the re-runs need."""
@@ -284,11 +273,11 @@ def _rerun_coupling(
     return x, leaves, (out, logdet), combine
 
 
-class _RebuildFunction(torch.autograd.Function):
+class RebuildFunction(torch.autograd.Function):
     """One run of steps as one autograd node: saves the output, rebuilds the rest."""
 
     @staticmethod
-    def forward(ctx, chain: _Chain, x: Tensor, context: Tensor | None, *params: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, chain: Chain, x: Tensor, context: Tensor | None, *params: Tensor) -> tuple[Tensor, Tensor]:
         y, logdet = chain.run_forward(x, context)
         ctx.chain = chain
         # The input only for the drift monitor: one tensor per run, whatever its depth.
@@ -303,7 +292,7 @@ class _RebuildFunction(torch.autograd.Function):
                 "its re-runs are not differentiable again: compute higher-order gradients without it"
             )
         y, context, x = ctx.saved_tensors
-        chain: _Chain = ctx.chain
+        chain: Chain = ctx.chain
         rebuilt, grad_x, grad_context, grad_params = chain.run_backward(
             y, context, grad_y, grad_logdet, ctx.needs_input_grad
         )

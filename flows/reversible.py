@@ -26,11 +26,11 @@ import torch
 from torch import Tensor
 
 from flows.autoregressive import Autoregressive
-from flows.base import Flow, InverseFlow, Sequential, accumulate, zero_logdet
+from flows.base import Flow, InverseFlow, Sequential, accumulate, compose, inside_function_transform, zero_logdet
 from flows.distributions import FlowDistribution
 from flows.freeform import FreeFormFlow
 from flows.reshape import Split
-from flows.rebuild import DriftMonitor, _apply_steps, _Chain, _RebuildFunction
+from flows.rebuild import Chain, DriftMonitor, RebuildFunction
 
 __all__ = ["invertible_backprop", "InvertibleSequential", "DriftMonitor", "inverse_kind"]
 
@@ -303,13 +303,12 @@ class InvertibleSequential(Sequential):
     ) -> tuple[Tensor, Tensor]:
         # torch.func transforms (flows.derivatives, the oracle) differentiate functionally:
         # the ordinary composition serves them.
-        functional = torch._C._functorch.peek_interpreter_stack() is not None
-        if torch.is_grad_enabled() and not functional and not (inverted and not self._inverse_saves):
-            chain = _Chain.build(steps, inverted, self.preserve_rng_state, self.monitor)
+        if torch.is_grad_enabled() and not inside_function_transform() and not (inverted and not self._inverse_saves):
+            chain = Chain.build(steps, inverted, self.preserve_rng_state, self.monitor)
             needs_grad = x.requires_grad or (context is not None and context.requires_grad) or chain.params
             if needs_grad and not chain.awaits_initialization:
-                return _RebuildFunction.apply(chain, x, context, *chain.params)
-        return _apply_steps(steps, x, context, inverted)
+                return RebuildFunction.apply(chain, x, context, *chain.params)
+        return compose(steps, x, context, inverted)
 
     def extra_repr(self) -> str:
         return (

@@ -213,16 +213,6 @@ def test_a_fresh_run_never_replaces_another_runs_checkpoint(tmp_path: Path) -> N
     assert run(tmp_path, "--model", "nice", "--steps", "2", "--overwrite") == 0
 
 
-def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
-               *FAST, "--model", "nice", "--steps", "4", "--out", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "x 2 processes" in result.stdout and result.stdout.count("test: ") == 1  # rank 0 alone prints
-    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("train", 4), ("test", 4)]
-
-
 # Runs that never mix or misreport
 
 

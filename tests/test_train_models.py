@@ -1,6 +1,7 @@
 """train.py end to end with the free-form models (residual flows, FFJORD), TarFlow and the
 memory-saving flag: a few steps each at tiny sizes (a preset added for the test), resumed
-bit-exactly, with what each logs and how each is evaluated."""
+bit-exactly, with what each logs and how each is evaluated; under bf16, compile and torchrun
+with two processes (there RealNVP too, for the classic models)."""
 
 from __future__ import annotations
 
@@ -182,8 +183,8 @@ sys.exit(train.main({fast!r} + ["--preset", "tiny", "--model", name, "--steps", 
 """
 
 
-@pytest.mark.parametrize("name", NEW_MODELS)
-def test_the_new_models_train_under_torchrun_with_two_processes(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["realnvp", *NEW_MODELS])
+def test_torchrun_with_two_cpu_processes_writes_one_run(tmp_path: Path, name: str) -> None:
     script = tmp_path / "tiny_train.py"  # train.py with the tiny presets of this file
     script.write_text(TORCHRUN_SCRIPT.format(root=str(ROOT), tiny=TINY, fast=FAST))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),

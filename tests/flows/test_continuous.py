@@ -25,6 +25,7 @@ from flows.base import Sequential
 from flows.continuous import ConcatSquashNet, ContinuousFlow, SolverError, function_evaluations, regularization
 from flows.freeform import logdet_mode
 from flows.jacobian import check_flow, exact_logdet
+from flows.statistical import check_estimator
 from tests.conftest import ROOT
 from tests.registry import perturb
 
@@ -143,12 +144,11 @@ def test_the_z_test_catches_wrong_probes(monkeypatch, wrong) -> None:
 
 
 def test_estimate_passes_the_statistical_checker() -> None:
-    statistical = pytest.importorskip("flows.statistical")
     # 60 draws (each a solve) at the default tolerance keep it short; the solver's error
     # (~1e-5) is far below the standard error of 60 draws (~0.1).
     flow = small_flow(2, context=2, std=0.6, atol=1e-5, rtol=1e-5)
     with logdet_mode(flow, "estimate"):
-        statistical.check_estimator(flow, torch.randn(2, 2), torch.randn(2, 2), num_draws=60)
+        check_estimator(flow, torch.randn(2, 2), torch.randn(2, 2), num_draws=60)
 
 
 def test_adjoint_gradients_match_backpropagation() -> None:

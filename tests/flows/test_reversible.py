@@ -54,7 +54,7 @@ def rebuild_nodes(output: torch.Tensor) -> int:
         if node is None or node in seen:
             continue
         seen.add(node)
-        count += type(node).__name__ == "_RebuildFunctionBackward"
+        count += type(node).__name__ == "RebuildFunctionBackward"
         stack += [next_node for next_node, _ in node.next_functions]
     return count
 
